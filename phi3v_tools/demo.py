@@ -1,0 +1,71 @@
+"""The seed notebook's three tasks, on pictures drawn here (the notebook's own pictures cannot be downloaded).
+
+A revenue bar chart ("introduce this stock"), a book cover (title and author), and two similar scenes
+(what differs). With the tiny random checkpoint the answers are random words: the point is that the whole
+path runs; set ``PHI3V_MODEL`` to the real checkpoint for real answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+
+def revenue_chart() -> Image.Image:
+    """A quarterly revenue bar chart of a made-up company (640 x 480)."""
+    img = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((160, 20), "ACME Corp (ACME) quarterly revenue, $M", fill="black")
+    draw.line((60, 420, 600, 420), fill="black", width=2)
+    draw.line((60, 60, 60, 420), fill="black", width=2)
+    for i, (quarter, revenue) in enumerate([("Q1", 120), ("Q2", 150), ("Q3", 135), ("Q4", 210)]):
+        x = 100 + i * 125
+        draw.rectangle((x, 420 - revenue * 1.5, x + 70, 420), fill=(40, 90, 200))
+        draw.text((x + 25, 430), quarter, fill="black")
+        draw.text((x + 20, 400 - revenue * 1.5), str(revenue), fill="black")
+    return img
+
+
+def book_cover() -> Image.Image:
+    """A book cover with a title and an author (400 x 600, portrait)."""
+    img = Image.new("RGB", (400, 600), (120, 20, 30))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((20, 20, 380, 580), outline=(230, 200, 120), width=4)
+    draw.text((90, 200), "THE QUIET HARBOUR", fill=(240, 230, 200))
+    draw.text((140, 480), "Ada Lindqvist", fill=(240, 230, 200))
+    return img
+
+
+def scene(with_ball: bool) -> Image.Image:
+    """A football pitch with two players; ``with_ball`` adds the ball (the one difference)."""
+    img = Image.new("RGB", (800, 450), (40, 140, 60))
+    draw = ImageDraw.Draw(img)
+    draw.line((400, 0, 400, 450), fill="white", width=3)
+    draw.ellipse((340, 165, 460, 285), outline="white", width=3)
+    for x, colour in ((250, (220, 30, 30)), (560, (240, 240, 240))):
+        draw.ellipse((x - 15, 170, x + 15, 200), fill=(230, 190, 150))
+        draw.rectangle((x - 20, 200, x + 20, 280), fill=colour)
+    if with_ball:
+        draw.ellipse((300, 300, 324, 324), fill="white", outline="black")
+    return img
+
+
+@dataclass(frozen=True)
+class SeedTask:
+    name: str
+    question: str
+    images: Callable[[], list[Image.Image]]
+
+    @property
+    def user_content(self) -> str:
+        tags = "".join(f"<|image_{k}|>\n" for k in range(1, len(self.images()) + 1))
+        return tags + self.question
+
+
+SEED_TASKS = (
+    SeedTask("stock chart", "Could you please introduce this stock to me?", lambda: [revenue_chart()]),
+    SeedTask("book cover", "What is the title of this book, and who is its author?", lambda: [book_cover()]),
+    SeedTask("two photos", "What is the difference between these two images?", lambda: [scene(False), scene(True)]),
+)

@@ -1,0 +1,54 @@
+"""The one error hierarchy of phi3v-tools.
+
+Every expected failure raises a subclass of :class:`Phi3VToolsError` with a message a person or a model
+can act on: what was wrong, and what is allowed instead. Adapters (MCP, LangChain, CLI) turn these into
+their own error results; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ImageError",
+    "ModelNotFoundError",
+    "OptionalDependencyError",
+    "Phi3VToolsError",
+    "PromptError",
+    "GenerationError",
+]
+
+
+class Phi3VToolsError(Exception):
+    """Base class of every error phi3v-tools raises on purpose."""
+
+
+class ModelNotFoundError(Phi3VToolsError):
+    """The model id or path could not be resolved to a checkpoint directory."""
+
+
+class CheckpointError(Phi3VToolsError):
+    """A checkpoint directory is incomplete, corrupt, or not a Phi-3-vision checkpoint."""
+
+
+class ImageError(Phi3VToolsError, ValueError):
+    """An image could not be decoded or converted for the model."""
+
+
+class PromptError(Phi3VToolsError, ValueError):
+    """A prompt does not match the images given (``<|image_k|>`` tags), or is otherwise invalid."""
+
+
+class GenerationError(Phi3VToolsError):
+    """Generation was asked for something the model cannot do (e.g. more tokens than its context)."""
+
+
+class OptionalDependencyError(Phi3VToolsError, ImportError):
+    """An optional dependency is missing; the message carries the exact install command."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the '{package}' package, which is not installed. "
+            f"Install it with: pip install 'phi3v-tools[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,47 @@
+"""Shared fixtures: the package's own tiny checkpoint (always available) and the shared reference data
+(``../shared/phi3v-reference``, skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor, make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = Path(os.environ.get("PHI3V_REFERENCE_DIR", REPO.parent / "shared" / "phi3v-reference"))
+needs_reference = pytest.mark.skipif(
+    not (REFERENCE / "golden" / "expected.json").is_file(),
+    reason=f"the shared reference data is not at {REFERENCE} (set PHI3V_REFERENCE_DIR to point at it)",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random checkpoint in the official layout, written by the package itself."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir: Path) -> Phi3VForCausalLM:
+    return Phi3VForCausalLM.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_dir: Path) -> Phi3VProcessor:
+    return Phi3VProcessor.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE / "golden" / "expected.json").is_file():
+        pytest.skip(f"the shared reference data is not at {REFERENCE}")
+    return REFERENCE
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

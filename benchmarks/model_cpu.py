@@ -64,9 +64,9 @@ def main() -> None:
         preprocess_s = best_of(3, lambda p=prompt, i=images: processor(p, i))
         inputs = processor(prompt, images)
         with torch.inference_mode():
-            vision_s = best_of(3, lambda: model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]))
-            prefill_s = best_of(3, lambda: model(**inputs, logits_to_keep=1))
-        total_s = best_of(3, lambda: model.generate(**inputs, max_new_tokens=args.new_tokens, eos_token_id=[]))
+            vision_s = best_of(3, lambda x=inputs: model.get_image_features(x["pixel_values"], x["image_sizes"]))
+            prefill_s = best_of(3, lambda x=inputs: model(**x, logits_to_keep=1))
+        total_s = best_of(3, lambda x=inputs: model.generate(**x, max_new_tokens=args.new_tokens, eos_token_id=[]))
         decode_tok_s = (args.new_tokens - 1) / max(total_s - prefill_s, 1e-9)
         results["tasks"][task.name] = {
             "prompt_tokens": int(inputs["input_ids"].shape[1]),

@@ -124,30 +124,17 @@ def test_scale_keeps_the_originals_float_arithmetic_at_exact_boundaries() -> Non
     assert hd_resized_size(640, 480, 16) == (1344, 1008)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: hd_resized_size floors the short side to 0 px when long/short > scale*336 (e.g. 1x2000 at num_crops 4), "
-        "so hd_image_size returns a 0 dimension, num_image_tokens a bogus count (205), and the processor "
-        "raises PIL's bare ValueError 'height and width must be > 0' instead of an ImageError"
-    ),
-)
 @pytest.mark.parametrize(("width", "height", "num_crops"), [(1, 2000, 4), (2000, 1, 1), (1, 6000, 16)])
-def test_extreme_aspect_ratio_gives_a_usable_size_or_an_image_error(width: int, height: int, num_crops: int) -> None:
-    image = Image.new("RGB", (width, height), (10, 200, 30))
-    try:
-        padded = hd_image_size(width, height, num_crops)
-    except ImageError:
-        padded = None
-    if padded is not None:
-        assert all(side > 0 and side % CROP_SIZE == 0 for side in padded), padded
-    try:
-        out = Phi3VImageProcessor(num_crops)([image])
-    except ImageError:
-        return
-    assert padded is not None
+def test_extreme_aspect_ratio_keeps_a_one_pixel_short_side_and_a_usable_size(
+    width: int, height: int, num_crops: int
+) -> None:
+    """Thinner than long side / 336: the original resized to 0 pixels and crashed; we keep 1 pixel."""
+    padded = hd_image_size(width, height, num_crops)
+    assert all(side > 0 and side % CROP_SIZE == 0 for side in padded), padded
+    out = Phi3VImageProcessor(num_crops)([Image.new("RGB", (width, height), (10, 200, 30))])
     assert tuple(out["image_sizes"][0].tolist()) == padded
+    grid_h, grid_w = padded[0] // CROP_SIZE, padded[1] // CROP_SIZE
+    assert num_image_tokens(width, height, num_crops) == (grid_h * grid_w + 1) * 144 + 1 + (grid_h + 1) * 12
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,7 +239,9 @@ def test_portrait_image_is_padded_left_and_right() -> None:
     white = _normalised((255, 255, 255))[None, :, None, None]
     inside = _normalised(colour)[None, :, None, None]
     torch.testing.assert_close(tiles[..., :left], white.expand(3, 3, CROP_SIZE, left), rtol=0, atol=1e-6)
-    torch.testing.assert_close(tiles[..., left : left + new_w], inside.expand(3, 3, CROP_SIZE, new_w), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        tiles[..., left : left + new_w], inside.expand(3, 3, CROP_SIZE, new_w), rtol=0, atol=1e-5
+    )
     right = CROP_SIZE - left - new_w
     torch.testing.assert_close(tiles[..., left + new_w :], white.expand(3, 3, CROP_SIZE, right), rtol=0, atol=1e-6)
 
@@ -428,14 +417,6 @@ def test_truncated_png_raises_image_error() -> None:
     assert isinstance(excinfo.value, Phi3VToolsError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason=(
-        "bug: to_rgb returns an RGB image without loading it when exif_transpose=False, so the truncated data is "
-        "first decoded in hd_transform (outside to_rgb's try) and a bare OSError escapes instead of ImageError"
-    ),
-)
 def test_truncated_png_raises_image_error_without_exif_transpose() -> None:
     with pytest.raises(ImageError, match="truncated"):
         Phi3VImageProcessor(4, exif_transpose=False)([_truncated_png()])
@@ -450,13 +431,6 @@ def test_zero_num_crops_is_refused() -> None:
         hd_image_size(640, 480, -1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: Phi3VImageProcessor.__call__ uses `num_crops or self.num_crops`, so an explicit num_crops=0 "
-        "silently falls back to the default instead of raising ValueError (same pattern in Phi3VProcessor.__call__)"
-    ),
-)
 def test_zero_num_crops_per_call_is_refused() -> None:
     with pytest.raises(ValueError, match="num_crops"):
         Phi3VImageProcessor(4)([_noise(10, 10)], num_crops=0)
@@ -472,15 +446,6 @@ def test_hd_scale_refuses_a_zero_sized_image_with_image_error() -> None:
         hd_scale(0, 10, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason=(
-        "bug: hd_resized_size computes long_side / short_side before hd_scale's 'no pixels' check, so a 0-wide "
-        "size (num_image_tokens(0, 10, 4), or Image.new('RGB', (0, 10)) through the processor) raises "
-        "ZeroDivisionError instead of ImageError"
-    ),
-)
 def test_zero_sized_image_raises_image_error() -> None:
     with pytest.raises(ImageError, match="no pixels"):
         num_image_tokens(0, 10, 4)

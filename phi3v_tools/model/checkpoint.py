@@ -134,6 +134,15 @@ def map_checkpoint_name(name: str, clip: str) -> str | None:
     return None
 
 
+def checkpoint_name(module_name: str, clip: str) -> str:
+    """The inverse of :func:`map_checkpoint_name`: how the official checkpoints name a model parameter."""
+    for source, target in CHECKPOINT_TO_MODULE:
+        prefix = target.format(clip=clip)
+        if module_name.startswith(prefix):
+            return source + module_name[len(prefix) :]
+    raise ValueError(f"no checkpoint name for the parameter {module_name}")
+
+
 def unused_checkpoint_names(config: Phi3VConfig) -> set[str]:
     """Prefixes of checkpoint tensors that are read but never used: CLIP layers after ``layer_idx``."""
     base = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers."
@@ -144,7 +153,7 @@ def unused_checkpoint_names(config: Phi3VConfig) -> set[str]:
 def plan_loading(
     checkpoint_names: list[str], model: Phi3VForCausalLM
 ) -> tuple[dict[str, str], list[str], list[str], list[str]]:
-    """(checkpoint -> parameter map, skipped names, unexpected names, missing parameter names)."""
+    """(checkpoint -> parameter map, skipped names, unexpected names, missing names), all in checkpoint naming."""
     clip = clip_prefix(model)
     skipped_prefixes = tuple(unused_checkpoint_names(model.config))
     expected = {name for name, _ in model.named_parameters()}
@@ -159,7 +168,7 @@ def plan_loading(
             unexpected.append(name)
         else:
             mapping[name] = target
-    missing = sorted(expected - set(mapping.values()))
+    missing = sorted(checkpoint_name(name, clip) for name in expected - set(mapping.values()))
     return mapping, skipped, sorted(unexpected), missing
 
 

@@ -52,12 +52,18 @@ def hd_scale(width: int, height: int, num_crops: int) -> int:
 
 
 def hd_resized_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
-    """(width, height) the image is resized to before padding, in its own orientation."""
+    """(width, height) the image is resized to before padding, in its own orientation.
+
+    The short side is at least 1 pixel: for very thin images (long/short > long side in pixels) the original
+    asked for a 0-pixel resize and crashed.
+    """
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
     transposed = width < height
     long_side, short_side = (height, width) if transposed else (width, height)
     ratio = long_side / short_side
     new_long = hd_scale(width, height, num_crops) * CROP_SIZE
-    new_short = int(new_long / ratio)
+    new_short = max(1, int(new_long / ratio))
     return (new_short, new_long) if transposed else (new_long, new_short)
 
 
@@ -93,6 +99,7 @@ def to_rgb(image: Image.Image, *, exif_transpose: bool = True) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__}")
     try:
+        image.load()  # decode now, so truncated or corrupt data fails here with a clear error
         if exif_transpose:
             image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -178,7 +185,9 @@ class Phi3VImageProcessor:
         return num_image_tokens(width, height, self.num_crops)
 
     def __call__(self, images: Sequence[Image.Image], num_crops: int | None = None) -> dict[str, torch.Tensor]:
-        crops = num_crops or self.num_crops
+        crops = self.num_crops if num_crops is None else num_crops
+        if crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {crops}")
         pixel_values, sizes = [], []
         for image in images:
             values, hd_h, hd_w = preprocess_image(image, crops, exif_transpose=self.exif_transpose)

@@ -158,7 +158,7 @@ class Phi3VProcessor:
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         prompts, per_prompt_images = _normalize_batch(text, images)
-        crops = num_crops or self.num_crops
+        crops = self.num_crops if num_crops is None else num_crops
         rows, pixel_values, image_sizes = [], [], []
         for prompt, prompt_images in zip(prompts, per_prompt_images, strict=True):
             processed = self.image_processor(prompt_images, num_crops=crops)

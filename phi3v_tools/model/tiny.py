@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from phi3v_tools.model.checkpoint import build_empty_model, clip_prefix
+from phi3v_tools.model.checkpoint import build_empty_model, checkpoint_name, clip_prefix
 from phi3v_tools.model.config import Phi3VConfig
 from phi3v_tools.model.image_processing import CLIP_MEAN, CLIP_STD
 from phi3v_tools.model.modeling import Phi3VForCausalLM
@@ -88,17 +88,7 @@ def official_weight_names(config: Phi3VConfig) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape as the official checkpoints store them (every CLIP layer, no ``wte`` alias)."""
     full: Phi3VForCausalLM = build_empty_model(dataclasses.replace(config, layer_idx=-1))  # -1: build all CLIP layers
     clip = clip_prefix(full)
-    return {_official_name(name, clip): tuple(param.shape) for name, param in full.named_parameters()}
-
-
-def _official_name(module_name: str, clip: str) -> str:
-    if module_name.startswith("vision_tower."):
-        return "model.vision_embed_tokens.img_processor.vision_model." + module_name[len("vision_tower.") + len(clip) :]
-    if module_name.startswith("image_projection."):
-        return "model.vision_embed_tokens." + module_name[len("image_projection.") :]
-    if module_name.startswith("language_model."):
-        return module_name[len("language_model.") :]
-    raise ValueError(f"no checkpoint name for {module_name}")
+    return {checkpoint_name(name, clip): tuple(param.shape) for name, param in full.named_parameters()}
 
 
 def make_tiny_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0, num_crops: int = 4) -> Path:

@@ -8,6 +8,8 @@ their own error results; anything else is a bug.
 from __future__ import annotations
 
 __all__ = [
+    "BusyError",
+    "CancelledError",
     "CheckpointError",
     "ImageError",
     "ModelNotFoundError",
@@ -15,6 +17,8 @@ __all__ = [
     "Phi3VToolsError",
     "PromptError",
     "GenerationError",
+    "OutOfMemoryError",
+    "RequestTimeoutError",
 ]
 
 
@@ -40,6 +44,22 @@ class PromptError(Phi3VToolsError, ValueError):
 
 class GenerationError(Phi3VToolsError):
     """Generation was asked for something the model cannot do (e.g. more tokens than its context)."""
+
+
+class BusyError(Phi3VToolsError):
+    """The runner's queue is full: retry later (the message says how full it is)."""
+
+
+class RequestTimeoutError(Phi3VToolsError, TimeoutError):
+    """A request did not finish within its timeout (waiting included)."""
+
+
+class CancelledError(Phi3VToolsError):
+    """A request was cancelled by its caller before it finished."""
+
+
+class OutOfMemoryError(Phi3VToolsError):
+    """A single request does not fit in accelerator memory even when run alone."""
 
 
 class OptionalDependencyError(Phi3VToolsError, ImportError):

@@ -14,6 +14,17 @@ from typing import Any
 from phi3v_tools.model.checkpoint import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 
 ENV_PREFIX = "PHI3V_"
+_INTS = {
+    "num_crops",
+    "max_batch_size",
+    "max_batch_tokens",
+    "max_queue",
+    "max_images",
+    "max_new_tokens",
+    "max_context",
+    "feature_cache_mb",
+}
+_FLOATS = {"batch_window_ms", "request_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,16 @@ class Settings:
     attn_implementation: str | None = None  # "sdpa", "flash_attention_2", "eager"; None: best available
     num_crops: int | None = None  # None: the checkpoint's default (16 for Phi-3, 4 for Phi-3.5)
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)  # where the tiny checkpoint is written
+    # The runner (phi3v_tools.runner): batching, limits, the image-feature cache.
+    batch_window_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_batch_size: int = 8  # requests decoded together
+    max_batch_tokens: int = 16384  # sum of prompt + max_new_tokens over a batch
+    max_queue: int = 64  # waiting requests; beyond that a request is refused at once with BusyError
+    max_images: int = 8  # images per request
+    max_new_tokens: int = 1024  # upper bound a request may ask for
+    max_context: int = 4096  # prompt + new tokens; above 4096 LongRoPE switches factors (see the README)
+    request_timeout_s: float = 300.0  # waiting + running
+    feature_cache_mb: int | None = None  # None: 2048 on CUDA, 512 on CPU
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -36,11 +57,12 @@ class Settings:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name == "num_crops":
+            if f.name in _INTS or f.name in _FLOATS:
+                kind = int if f.name in _INTS else float
                 try:
-                    values[f.name] = int(raw)
+                    values[f.name] = kind(raw)
                 except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}NUM_CROPS must be an integer, got {raw!r}") from None
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a number, got {raw!r}") from None
             elif f.name == "cache_dir":
                 values[f.name] = Path(raw).expanduser()
             else:

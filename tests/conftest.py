@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor, make_tiny_checkpoint
+from phi3v_tools.runner import Runner
+from phi3v_tools.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("PHI3V_REFERENCE_DIR", REPO.parent / "shared" / "phi3v-reference"))
@@ -33,6 +36,14 @@ def tiny_model(tiny_dir: Path) -> Phi3VForCausalLM:
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_dir: Path) -> Phi3VProcessor:
     return Phi3VProcessor.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_runner(tiny_model: Phi3VForCausalLM, tiny_processor: Phi3VProcessor, tiny_dir: Path) -> Iterator[Runner]:
+    """A runner over the tiny model, shared by the tests that do not change its settings."""
+    runner = Runner(tiny_model, tiny_processor, Settings(model=str(tiny_dir), batch_window_ms=20))
+    yield runner
+    runner.close()
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from phi3v_tools.errors import CheckpointError, ModelNotFoundError, OptionalDependencyError
@@ -267,6 +268,7 @@ def load_model(
     attn_implementation: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
     trust_remote_code: bool | None = None,
     **kwargs: Any,
 ) -> M:
@@ -278,6 +280,7 @@ def load_model(
             bf16 on CUDA and fp32 on CPU.
         device_map / device: one device ("cuda", "cuda:1", "cpu", "auto", {"": "cuda:0"}).
         attn_implementation: "sdpa" (default), "flash_attention_2" (default on CUDA when installed) or "eager".
+        progress: show a progress bar while the weights are read.
         trust_remote_code: accepted for seed compatibility and ignored: no checkpoint code is ever run.
     """
     attn_implementation = kwargs.pop("_attn_implementation", attn_implementation)
@@ -294,14 +297,16 @@ def load_model(
     config = config.with_attn_implementation(choose_attn_implementation(attn_implementation, target_device))
 
     model = build_empty_model(config, model_cls)
-    load_weights(model, weight_files(directory), target_device, target_dtype)
+    load_weights(model, weight_files(directory), target_device, target_dtype, progress=progress)
     model.to(target_device)  # the rebuilt buffers
     model.eval()
     model.load_seconds = time.perf_counter() - started  # type: ignore[assignment]
     return model
 
 
-def load_weights(model: Phi3VForCausalLM, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(
+    model: Phi3VForCausalLM, files: list[Path], device: torch.device, dtype: torch.dtype, *, progress: bool = False
+) -> None:
     """Read every tensor of ``files`` into ``model`` (built on meta) by the name table; strict."""
     handles = []
     names: dict[str, Path] = {}
@@ -325,7 +330,7 @@ def load_weights(model: Phi3VForCausalLM, files: list[Path], device: torch.devic
     params = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     by_file = {os.fspath(f): h for f, h in zip(files, handles, strict=True)}
-    for name, target in mapping.items():
+    for name, target in tqdm(mapping.items(), desc="loading weights", unit="tensor", disable=not progress):
         tensor = by_file[os.fspath(names[name])].get_tensor(name)
         expected_shape = tuple(params[target].shape)
         if tuple(tensor.shape) != expected_shape:

@@ -63,6 +63,66 @@ def next_tokens(
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(-1)
 
 
+class BatchDecoder:
+    """Step-by-step decoding of a left-padded batch with a KV cache; rows can be dropped between steps.
+
+    ``logits`` holds the next-token logits of every row ([rows, vocab]); :meth:`step` feeds one token per row,
+    :meth:`keep` drops rows (finished or cancelled ones) without changing the others' results.
+    """
+
+    def __init__(self, model: Phi3VForCausalLM, prompt_embeds: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        # prompt_embeds: [rows, prompt_len, hidden]; attention_mask: [rows, prompt_len], 0 on left padding
+        self.model = model
+        self.switch_at = model.config.original_max_position_embeddings  # short -> long rotary factors beyond
+        self.prompt_embeds = prompt_embeds
+        self.mask = attention_mask.to(prompt_embeds.device).long()
+        self.generated = torch.empty(len(prompt_embeds), 0, dtype=torch.long, device=prompt_embeds.device)
+        self.steps = 0  # forward passes after the prefill
+        positions = positions_from_mask(self.mask, self.mask.shape[1], 0, self.mask.device)
+        self.long_factors = bool(positions.max() + 1 > self.switch_at)
+        self.last_position = positions[:, -1:]
+        self.cache = DynamicCache(config=model.config.text_config)
+        self.logits = self._forward(prompt_embeds, positions, logits_to_keep=1)
+
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=self.mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> None:
+        """Append ``tokens`` ([rows]) and compute the next logits."""
+        self.steps += 1
+        tokens = tokens.to(self.mask.device)
+        self.generated = torch.cat([self.generated, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.last_position = self.last_position + 1
+        if not self.long_factors and int(self.last_position.max()) + 1 > self.switch_at:
+            # The sequence now crosses the LongRoPE switch: recompute everything with long factors.
+            self.long_factors = True
+            embeds = torch.cat([self.prompt_embeds, self.model.embed_tokens(self.generated)], dim=1)
+            self.cache = DynamicCache(config=self.model.config.text_config)
+            positions = positions_from_mask(self.mask, embeds.shape[1], 0, self.mask.device)
+            self.logits = self._forward(embeds.to(self.prompt_embeds.dtype), positions, logits_to_keep=1)
+            return
+        self.logits = self._forward(self.model.embed_tokens(tokens[:, None]), self.last_position)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices into the current rows), in that order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.prompt_embeds = self.prompt_embeds[index]
+        self.mask = self.mask[index]
+        self.generated = self.generated[index]
+        self.last_position = self.last_position[index]
+        self.logits = self.logits[index]
+
+
 def generate(
     model: Phi3VForCausalLM,
     input_ids: torch.Tensor,
@@ -125,28 +185,14 @@ def generate(
         )
     stops = torch.tensor(stop_ids(eos_token_id), device=device)
     pad = int(pad_token_id if pad_token_id is not None else (model.config.text_config.pad_token_id or 0))
-    switch_at = model.config.original_max_position_embeddings  # short -> long rotary factors beyond this
 
-    prompt_embeds = model.embed(input_ids, pixel_values, image_sizes, image_features)
-    positions = positions_from_mask(mask, prompt_len, 0, device)
-    long_factors = bool(positions.max() + 1 > switch_at)
-    cache = DynamicCache(config=model.config.text_config)
-    logits = model(
-        inputs_embeds=prompt_embeds,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
-
+    decoder = BatchDecoder(model, model.embed(input_ids, pixel_values, image_sizes, image_features), mask)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     generated = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    last_position = positions[:, -1:]
     for step in range(max_new_tokens):
-        token = next_tokens(logits, do_sample, temperature, top_k, top_p)
+        token = next_tokens(decoder.logits, do_sample, temperature, top_k, top_p)
         token = torch.where(finished, torch.full_like(token, pad), token)
         generated = torch.cat([generated, token[:, None]], dim=1)
         if streamer is not None:
@@ -154,30 +200,7 @@ def generate(
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-        last_position = last_position + 1
-        if not long_factors and int(last_position.max()) + 1 > switch_at:
-            # The sequence now crosses the LongRoPE switch: recompute everything with long factors.
-            long_factors = True
-            embeds = torch.cat([prompt_embeds, model.embed_tokens(generated).to(prompt_embeds.dtype)], dim=1)
-            cache = DynamicCache(config=model.config.text_config)
-            full_positions = positions_from_mask(mask, embeds.shape[1], 0, device)
-            logits = model(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=full_positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            continue
-        logits = model(
-            inputs_embeds=model.embed_tokens(token[:, None]),
-            attention_mask=mask,
-            position_ids=last_position,
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
+        decoder.step(token)
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, generated], dim=1)

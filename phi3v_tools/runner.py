@@ -1,0 +1,620 @@
+"""The shared runner: one model per process, concurrent requests micro-batched, image features cached.
+
+One worker thread owns the model. Callers submit :class:`GenerationRequest` objects from any thread or
+event loop (``await runner.generate(req)`` or ``runner.generate_sync(req)``); requests that arrive within
+``batch_window_ms`` of each other are decoded as one left-padded batch. Each row keeps its own stop
+condition, token budget, sampling seed and JSON-schema grammar; a finished, cancelled or timed-out row
+leaves the batch at the next step. A row's greedy tokens do not depend on its batch companions.
+
+The runner knows nothing of tools or frameworks: it turns chat messages + images (+ a JSON schema) into
+text (+ a parsed object), token counts and timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from phi3v_tools.errors import (
+    BusyError,
+    CancelledError,
+    GenerationError,
+    OutOfMemoryError,
+    Phi3VToolsError,
+    PromptError,
+    RequestTimeoutError,
+)
+from phi3v_tools.feature_cache import CachedFeatures, FeatureCache, image_digest
+from phi3v_tools.model.config import STOP_TOKEN_IDS
+from phi3v_tools.model.generation import BatchDecoder
+from phi3v_tools.model.image_processing import CROP_SIZE, num_image_tokens_for_grid, preprocess_image
+from phi3v_tools.model.modeling import Phi3VForCausalLM
+from phi3v_tools.model.processing import IMAGE_TAG, Phi3VProcessor
+from phi3v_tools.settings import Settings
+from phi3v_tools.structured import (
+    GrammarCompiler,
+    JsonConstraint,
+    bound_schema,
+    complete_json,
+    schema_prompt,
+    validate,
+)
+
+logger = logging.getLogger(__name__)
+FinishReason = Literal["stop", "length"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Requests and results
+
+
+@dataclass
+class GenerationRequest:
+    """Chat messages (``role``/``content``) and the images their ``<|image_k|>`` tags refer to.
+
+    Without tags, the images are referenced at the start of the last user message. With ``json_schema``
+    the answer is constrained to it (and the schema is described in the prompt).
+    """
+
+    messages: list[dict[str, str]]
+    images: Sequence[Image.Image] = ()
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
+    seed: int | None = None  # per-request sampling seed
+    json_schema: dict[str, Any] | None = None
+    num_crops: int | None = None  # None: the runner's default
+    timeout_s: float | None = None  # None: the runner's default
+    image_digests: Sequence[str] | None = None  # precomputed image_digest() values, if the caller has them
+    on_text: Callable[[str], None] | None = None  # streaming: called with each new piece of text (worker thread)
+
+    @classmethod
+    def from_text(cls, text: str, images: Sequence[Image.Image] = (), **options: Any) -> GenerationRequest:
+        return cls(messages=[{"role": "user", "content": text}], images=images, **options)
+
+
+@dataclass
+class Timings:
+    queue_s: float = 0.0  # submitted -> its batch started
+    preprocess_s: float = 0.0  # hashing, HD transform (0 for cached images)
+    vision_s: float = 0.0  # CLIP + projection of its uncached images (shared batch time)
+    prefill_s: float = 0.0  # the batch's prompt forward pass
+    decode_s: float = 0.0  # first to last new token
+    total_s: float = 0.0  # submitted -> result
+
+    def tokens_per_s(self, tokens: int) -> float:
+        return tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    parsed: Any = None  # the JSON value, when the request had a schema (always valid against it)
+    truncated: bool = False  # the token budget ran out; with a schema, open structures were closed
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+    cached_images: int = 0  # images whose features came from the cache
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timings.tokens_per_s(self.completion_tokens)
+
+
+class RequestHandle:
+    """A submitted request: its future, and a way to cancel it."""
+
+    def __init__(self, request: GenerationRequest, deadline: float) -> None:
+        self.request = request
+        self.deadline = deadline
+        self.submitted = time.perf_counter()
+        self.started = self.submitted  # when its batch began
+        self.future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the request: it leaves its batch before the next decode step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def finish(self, result: GenerationResult) -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-request preparation
+
+
+@dataclass
+class _Prepared:
+    handle: RequestHandle
+    ids: list[int]
+    features: list[torch.Tensor]
+    image_tokens: int
+    cached_images: int
+    preprocess_s: float
+    vision_s: float
+    constraint: JsonConstraint | None
+    schema: dict[str, Any] | None
+
+    @property
+    def budget(self) -> int:
+        return len(self.ids) + self.handle.request.max_new_tokens
+
+
+@dataclass
+class _Row:
+    prepared: _Prepared
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    streamed: str = ""
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+
+
+def _with_image_tags(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:
+    """Reference the images at the start of the last user message when no message tags them."""
+    if n_images == 0 or any(IMAGE_TAG.search(m.get("content", "")) for m in messages):
+        return messages
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise PromptError("a request with images needs a user message")
+    tags = "".join(f"<|image_{k}|>\n" for k in range(1, n_images + 1))
+    out = [dict(m) for m in messages]
+    out[users[-1]]["content"] = tags + out[users[-1]]["content"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The runner
+
+
+class Runner:
+    """Owns one loaded model and serves generation requests from a worker thread."""
+
+    def __init__(self, model: Phi3VForCausalLM, processor: Phi3VProcessor, settings: Settings) -> None:
+        self.model = model
+        self.processor = processor
+        self.settings = settings
+        self.model_id = f"{settings.model}|{model.dtype}"
+        cache_mb = settings.feature_cache_mb
+        if cache_mb is None:
+            cache_mb = 2048 if model.device.type == "cuda" else 512
+        self.feature_cache = FeatureCache(cache_mb * 2**20)
+        self.stop_ids = list(STOP_TOKEN_IDS)
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+        self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=settings.max_queue)
+        self._carry: deque[RequestHandle] = deque()
+        self._closed = threading.Event()
+        self.decode_steps = 0  # forward passes after prefill, over the runner's life
+        self.batches = 0
+        self._worker = threading.Thread(target=self._work, name="phi3v-runner", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def load(cls, settings: Settings, *, progress: bool = True) -> Runner:
+        """Load ``settings.model`` (downloading with a progress bar if it is a hub id) and start serving."""
+        processor = Phi3VProcessor.from_pretrained(
+            settings.model, num_crops=settings.num_crops, cache_dir=settings.cache_dir
+        )
+        model = Phi3VForCausalLM.from_pretrained(
+            settings.model,
+            device_map=settings.device,
+            dtype=settings.dtype,
+            attn_implementation=settings.attn_implementation,
+            cache_dir=settings.cache_dir,
+            progress=progress,
+        )
+        return cls(model, processor, settings)
+
+    # -- information --------------------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.settings.model,
+            "device": str(self.model.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "attn_implementation": self.model.attn_implementation,
+            "num_crops": self.processor.num_crops,
+            "queue": self._queue.qsize(),
+            "max_queue": self.settings.max_queue,
+            "batches": self.batches,
+            "decode_steps": self.decode_steps,
+            "feature_cache": self.feature_cache.stats(),
+        }
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        with self._grammar_lock:
+            if self._grammars is None:
+                vocab = int(self.model.config.text_config.vocab_size)
+                self._grammars = GrammarCompiler(self.processor.tokenizer, vocab, self.stop_ids)
+            return self._grammars
+
+    # -- submitting ---------------------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; BusyError at once when the queue is full."""
+        if self._closed.is_set():
+            raise GenerationError("the runner is closed")
+        self._check_limits(request)
+        timeout = request.timeout_s if request.timeout_s is not None else self.settings.request_timeout_s
+        handle = RequestHandle(request, time.perf_counter() + timeout)
+        try:
+            self._queue.put_nowait(handle)
+        except queue.Full:
+            raise BusyError(
+                f"the model is busy ({self.settings.max_queue} requests waiting); retry in a few seconds"
+            ) from None
+        return handle
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run a request without blocking the event loop; cancelling the awaiting task cancels the request."""
+        handle = self.submit(request)
+        try:
+            return await asyncio.wrap_future(handle.future)
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+    def generate_sync(self, request: GenerationRequest) -> GenerationResult:
+        handle = self.submit(request)
+        return handle.future.result()
+
+    def close(self) -> None:
+        """Stop the worker; waiting requests fail with CancelledError."""
+        self._closed.set()
+        self._worker.join(timeout=30)
+        while True:
+            try:
+                self._queue.get_nowait().fail(CancelledError("the runner was closed"))
+            except queue.Empty:
+                break
+        for handle in self._carry:
+            handle.fail(CancelledError("the runner was closed"))
+
+    def _check_limits(self, request: GenerationRequest) -> None:
+        s = self.settings
+        if len(request.images) > s.max_images:
+            raise PromptError(f"{len(request.images)} images given; at most {s.max_images} per request")
+        if not 1 <= request.max_new_tokens <= s.max_new_tokens:
+            raise PromptError(f"max_new_tokens must be between 1 and {s.max_new_tokens}, got {request.max_new_tokens}")
+        if request.num_crops is not None and not 1 <= request.num_crops <= 16:
+            raise PromptError(f"num_crops must be between 1 and 16, got {request.num_crops}")
+        if not request.messages:
+            raise PromptError("a request needs at least one message")
+
+    # -- the worker ---------------------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._closed.is_set():
+            batch = self._collect()
+            if batch:
+                self.batches += 1
+                self._run(batch)
+
+    def _next(self, timeout: float) -> RequestHandle | None:
+        if self._carry:
+            return self._carry.popleft()
+        try:
+            return self._queue.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+
+    def _collect(self) -> list[RequestHandle]:
+        first = self._next(0.1)
+        if first is None:
+            return []
+        batch = [first]
+        window_end = time.perf_counter() + self.settings.batch_window_ms / 1000
+        while len(batch) < self.settings.max_batch_size:
+            handle = self._next(window_end - time.perf_counter())
+            if handle is None:
+                break
+            batch.append(handle)
+        return batch
+
+    def _run(self, handles: list[RequestHandle]) -> None:
+        live = [h for h in handles if self._still_wanted(h)]
+        prepared: list[_Prepared] = []
+        for handle in live:
+            try:
+                prepared.append(self._prepare(handle))
+            except Phi3VToolsError as exc:
+                handle.fail(exc)
+            except Exception as exc:  # a bug or a hostile input we did not foresee: fail it, keep serving
+                logger.exception("preparing a request failed")
+                handle.fail(GenerationError(f"internal error while preparing the request: {exc}"))
+        # Rows that would cross the LongRoPE switch run alone (the switch is per batch); the rest share
+        # batches within the token budget.
+        alone = [p for p in prepared if p.budget > self.model.config.original_max_position_embeddings]
+        shared = [p for p in prepared if p not in alone]
+        groups: list[list[_Prepared]] = [[p] for p in alone]
+        current: list[_Prepared] = []
+        for p in shared:
+            if current and sum(q.budget for q in current) + p.budget > self.settings.max_batch_tokens:
+                groups.append(current)
+                current = []
+            current.append(p)
+        if current:
+            groups.append(current)
+        for group in groups:
+            self._decode_with_oom_retry(group)
+
+    def _still_wanted(self, handle: RequestHandle) -> bool:
+        handle.started = time.perf_counter()
+        if handle.cancelled:
+            handle.fail(CancelledError("the request was cancelled"))
+            return False
+        if time.perf_counter() > handle.deadline:
+            handle.fail(RequestTimeoutError("the request timed out while waiting for the model"))
+            return False
+        return True
+
+    def _prepare(self, handle: RequestHandle) -> _Prepared:
+        request = handle.request
+        num_crops = request.num_crops or self.processor.num_crops
+        started = time.perf_counter()
+        digests = list(request.image_digests or [image_digest(image) for image in request.images])
+        if len(digests) != len(request.images):
+            raise PromptError("image_digests must have one entry per image")
+        entries: list[CachedFeatures | None] = []
+        keys = [FeatureCache.key(d, num_crops, self.model_id) for d in digests]
+        entries = [self.feature_cache.get(key) for key in keys]
+        cached = sum(e is not None for e in entries)
+        missing = [i for i, e in enumerate(entries) if e is None]
+        pixels, grids = [], []
+        for i in missing:
+            crops, hd_h, hd_w = preprocess_image(request.images[i], num_crops)
+            pixels.append(crops)
+            grids.append((hd_h // CROP_SIZE, hd_w // CROP_SIZE))
+        preprocess_s = time.perf_counter() - started
+        vision_s = 0.0
+        if missing:
+            started = time.perf_counter()
+            sizes = torch.tensor([(h * CROP_SIZE, w * CROP_SIZE) for h, w in grids])
+            with torch.inference_mode():
+                features = self.model.get_image_features(torch.stack(pixels), sizes)
+            for i, grid, feature in zip(missing, grids, features, strict=True):
+                entries[i] = CachedFeatures(feature, grid)
+                self.feature_cache.put(keys[i], entries[i])  # type: ignore[arg-type]
+            vision_s = time.perf_counter() - started
+        ready = [e for e in entries if e is not None]
+        messages = _with_image_tags(request.messages, len(request.images))
+        schema = None
+        constraint = None
+        if request.json_schema is not None:
+            schema = bound_schema(request.json_schema)
+            last = dict(messages[-1])
+            last["content"] = f"{last['content']}\n\n{schema_prompt(request.json_schema)}"
+            messages = [*messages[:-1], last]
+            constraint = self.grammars.matcher(schema)
+        prompt = self.processor.apply_chat_template(messages)
+        tokens = [num_image_tokens_for_grid(*e.grid) for e in ready]
+        ids = self.processor.prompt_ids(prompt, tokens)
+        if len(ids) + request.max_new_tokens > self.settings.max_context:
+            raise PromptError(
+                f"the prompt takes {len(ids)} tokens ({sum(tokens)} for images) and max_new_tokens is "
+                f"{request.max_new_tokens}: more than the {self.settings.max_context}-token limit; use fewer or "
+                "smaller-num_crops images, or a shorter answer"
+            )
+        return _Prepared(
+            handle, ids, [e.features for e in ready], sum(tokens), cached, preprocess_s, vision_s, constraint, schema
+        )
+
+    def _decode_with_oom_retry(self, group: list[_Prepared]) -> None:
+        try:
+            self._decode(group)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(group) == 1:
+                group[0].handle.fail(
+                    OutOfMemoryError(
+                        f"out of accelerator memory for one request ({len(group[0].ids)} prompt tokens); use fewer "
+                        "images, a smaller num_crops or a smaller max_new_tokens"
+                    )
+                )
+                return
+            logger.warning("out of memory with a batch of %d; splitting it", len(group))
+            half = len(group) // 2
+            for part in (group[:half], group[half:]):
+                for p in part:
+                    if p.constraint is not None:
+                        p.constraint.matcher.reset()
+                self._decode_with_oom_retry(part)
+        except Exception as exc:
+            logger.exception("a batch failed")
+            for p in group:
+                p.handle.fail(GenerationError(f"internal error while generating: {exc}"))
+
+    def _decode(self, group: list[_Prepared]) -> None:
+        device = self.model.device
+        started = time.perf_counter()
+        longest = max(len(p.ids) for p in group)
+        pad = int(self.model.config.text_config.pad_token_id or 0)
+        input_ids = torch.full((len(group), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), longest), dtype=torch.long)
+        for i, p in enumerate(group):
+            input_ids[i, longest - len(p.ids) :] = torch.tensor(p.ids)
+            mask[i, longest - len(p.ids) :] = 1
+        features = [f for p in group for f in p.features]
+        rows = [
+            _Row(p, torch.Generator().manual_seed(p.handle.request.seed) if p.handle.request.seed is not None else None)
+            for p in group
+        ]
+        with torch.inference_mode():
+            embeds = self.model.embed(input_ids.to(device), image_features=features)
+            decoder = BatchDecoder(self.model, embeds, mask.to(device))
+            prefill_s = time.perf_counter() - started
+            bitmask = self.grammars.allocate(len(rows)) if any(p.constraint for p in group) else None
+            while rows:
+                tokens = self._choose(decoder.logits, rows, bitmask)
+                now = time.perf_counter()
+                keep: list[int] = []
+                for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+                    if self._advance(row, token, now, prefill_s):
+                        keep.append(i)
+                if not keep:
+                    break
+                if len(keep) < len(rows):
+                    rows = [rows[i] for i in keep]
+                    decoder.keep(keep)
+                    if bitmask is not None:
+                        bitmask = bitmask[: len(rows)]
+                decoder.step(torch.tensor([r.tokens[-1] for r in rows], device=device))
+                self.decode_steps += 1
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row], bitmask: torch.Tensor | None) -> list[int]:
+        logits = logits.float()
+        if bitmask is not None:
+            self.grammars.fill([r.prepared.constraint for r in rows], bitmask)
+            self.grammars.apply(logits, bitmask)
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            request = row.prepared.handle.request
+            if request.temperature > 0:
+                probs = torch.softmax(logits[i] / request.temperature, dim=-1)
+                if request.top_p is not None and request.top_p < 1.0:
+                    sorted_probs, order = probs.sort(descending=True)
+                    drop = sorted_probs.cumsum(0) - sorted_probs > request.top_p
+                    probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+                chosen[i] = int(torch.multinomial(probs.cpu(), 1, generator=row.generator).item())
+        return chosen
+
+    def _advance(self, row: _Row, token: int, now: float, prefill_s: float) -> bool:
+        """Record ``token`` for ``row``; False when the row is done (its future then holds the outcome)."""
+        handle = row.prepared.handle
+        if handle.cancelled:
+            handle.fail(CancelledError("the request was cancelled"))
+            return False
+        if now > handle.deadline:
+            handle.fail(RequestTimeoutError(f"the request timed out after {len(row.tokens)} new tokens"))
+            return False
+        if not row.tokens:
+            row.first_token_at = now
+        row.last_token_at = now
+        constraint = row.prepared.constraint
+        stop = token in self.stop_ids
+        if constraint is not None:
+            constraint.consume(token)
+            stop = constraint.finished
+        if not (stop and token in self.stop_ids):
+            row.tokens.append(token)
+        if handle.request.on_text is not None:
+            self._stream(row)
+        if stop:
+            self._finish(row, "stop", prefill_s)
+            return False
+        if len(row.tokens) >= handle.request.max_new_tokens:
+            self._finish(row, "length", prefill_s)
+            return False
+        return True
+
+    def _text(self, tokens: list[int]) -> str:
+        return str(self.processor.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def _stream(self, row: _Row) -> None:
+        text = self._text(row.tokens)
+        if text.endswith("\ufffd") or len(text) <= len(row.streamed):
+            return  # half a UTF-8 character so far, or nothing new
+        delta, row.streamed = text[len(row.streamed) :], text
+        on_text = row.prepared.handle.request.on_text
+        try:
+            if on_text is not None:
+                on_text(delta)
+        except Exception:  # a broken listener must not break the batch
+            logger.exception("a streaming callback failed")
+
+    def _finish(self, row: _Row, reason: FinishReason, prefill_s: float) -> None:
+        p = row.prepared
+        handle = p.handle
+        text = self._text(row.tokens)
+        parsed = None
+        truncated = reason == "length"
+        if p.schema is not None:
+            try:
+                parsed = complete_json(text, p.schema) if truncated else json.loads(text)
+            except (ValueError, Phi3VToolsError) as exc:
+                handle.fail(GenerationError(f"the model's JSON could not be read: {exc}"))
+                return
+            problem = validate(parsed, p.schema)
+            if problem is not None:
+                handle.fail(GenerationError(f"the model's answer does not match the schema ({problem})"))
+                return
+            if truncated:
+                text = json.dumps(parsed, ensure_ascii=False, separators=(",", ":"))
+        total = time.perf_counter() - handle.submitted
+        timings = Timings(
+            queue_s=handle.started - handle.submitted,
+            preprocess_s=p.preprocess_s,
+            vision_s=p.vision_s,
+            prefill_s=prefill_s,
+            decode_s=row.last_token_at - row.first_token_at,
+            total_s=total,
+        )
+        handle.finish(
+            GenerationResult(
+                text=text,
+                parsed=parsed,
+                truncated=truncated,
+                finish_reason=reason,
+                prompt_tokens=len(p.ids),
+                completion_tokens=len(row.tokens),
+                image_tokens=p.image_tokens,
+                cached_images=p.cached_images,
+                timings=timings,
+            )
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One runner per model per process
+
+_RUNNERS: dict[tuple[Any, ...], Runner] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def _runner_key(settings: Settings) -> tuple[Any, ...]:
+    return (settings.model, settings.device, settings.dtype, settings.attn_implementation, str(settings.cache_dir))
+
+
+def get_runner(settings: Settings, *, progress: bool = True) -> Runner:
+    """The process's runner for ``settings.model``: loaded on first use, then shared by every caller."""
+    key = _runner_key(settings)
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(key)
+        if runner is None:
+            runner = Runner.load(settings, progress=progress)
+            _RUNNERS[key] = runner
+        return runner
+
+
+def close_runners() -> None:
+    with _RUNNERS_LOCK:
+        for runner in _RUNNERS.values():
+            runner.close()
+        _RUNNERS.clear()

@@ -73,7 +73,7 @@ def bound_schema(
 def schema_prompt(schema: dict[str, Any]) -> str:
     """The instruction appended to the user's message so the model knows the shape it is writing."""
     return "Answer with one JSON object, no other text, matching this JSON schema:\n" + json.dumps(
-        schema, separators=(",", ":"), sort_keys=True
+        schema, separators=(",", ":")
     )
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -54,6 +54,7 @@ from phi3v_tools.structured import (
 
 logger = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
+DEFAULT_MAX_NEW_TOKENS = 512
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class GenerationRequest:
 
     messages: list[dict[str, str]]
     images: Sequence[Image.Image] = ()
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: min(512, the runner's max_new_tokens)
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None
     seed: int | None = None  # per-request sampling seed
@@ -126,6 +127,10 @@ class RequestHandle:
         self.future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
         self._cancelled = threading.Event()
 
+    @property
+    def max_new_tokens(self) -> int:
+        return self.request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS  # submit() always sets it
+
     def cancel(self) -> None:
         """Stop the request: it leaves its batch before the next decode step."""
         self._cancelled.set()
@@ -161,7 +166,7 @@ class _Prepared:
 
     @property
     def budget(self) -> int:
-        return len(self.ids) + self.handle.request.max_new_tokens
+        return len(self.ids) + self.handle.max_new_tokens
 
 
 @dataclass
@@ -260,6 +265,8 @@ class Runner:
         """Queue a request; BusyError at once when the queue is full."""
         if self._closed.is_set():
             raise GenerationError("the runner is closed")
+        if request.max_new_tokens is None:
+            request = replace(request, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
         self._check_limits(request)
         timeout = request.timeout_s if request.timeout_s is not None else self.settings.request_timeout_s
         handle = RequestHandle(request, time.perf_counter() + timeout)
@@ -300,7 +307,7 @@ class Runner:
         s = self.settings
         if len(request.images) > s.max_images:
             raise PromptError(f"{len(request.images)} images given; at most {s.max_images} per request")
-        if not 1 <= request.max_new_tokens <= s.max_new_tokens:
+        if request.max_new_tokens is None or not 1 <= request.max_new_tokens <= s.max_new_tokens:
             raise PromptError(f"max_new_tokens must be between 1 and {s.max_new_tokens}, got {request.max_new_tokens}")
         if request.num_crops is not None and not 1 <= request.num_crops <= 16:
             raise PromptError(f"num_crops must be between 1 and 16, got {request.num_crops}")
@@ -415,7 +422,7 @@ class Runner:
         prompt = self.processor.apply_chat_template(messages)
         tokens = [num_image_tokens_for_grid(*e.grid) for e in ready]
         ids = self.processor.prompt_ids(prompt, tokens)
-        if len(ids) + request.max_new_tokens > self.settings.max_context:
+        if len(ids) + handle.max_new_tokens > self.settings.max_context:
             raise PromptError(
                 f"the prompt takes {len(ids)} tokens ({sum(tokens)} for images) and max_new_tokens is "
                 f"{request.max_new_tokens}: more than the {self.settings.max_context}-token limit; use fewer or "
@@ -529,7 +536,7 @@ class Runner:
         if stop:
             self._finish(row, "stop", prefill_s)
             return False
-        if len(row.tokens) >= handle.request.max_new_tokens:
+        if len(row.tokens) >= handle.max_new_tokens:
             self._finish(row, "length", prefill_s)
             return False
         return True

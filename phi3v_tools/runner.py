@@ -179,6 +179,32 @@ class _Row:
     last_token_at: float = 0.0
 
 
+def _generator(seed: int | None) -> torch.Generator | None:
+    return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+class _MaskPipeline:
+    """Grammar masks computed on a helper thread, overlapping the model's forward pass."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, grammars: GrammarCompiler | None) -> None:
+        self.pool = pool
+        self.grammars = grammars
+        self.pending: concurrent.futures.Future[None] | None = None
+
+    def start(self, rows: list[_Row], bitmask: torch.Tensor | None) -> None:
+        if self.grammars is not None and bitmask is not None:
+            self.pending = self.pool.submit(self.grammars.fill, [r.prepared.constraint for r in rows], bitmask)
+
+    def wait(self, quiet: bool = False) -> None:
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if quiet:
+            concurrent.futures.wait([pending])
+        else:
+            pending.result()
+
+
 def _with_image_tags(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:
     """Reference the images at the start of the last user message when no message tags them."""
     if n_images == 0 or any(IMAGE_TAG.search(m.get("content", "")) for m in messages):
@@ -216,6 +242,7 @@ class Runner:
         self._closed = threading.Event()
         self.decode_steps = 0  # forward passes after prefill, over the runner's life
         self.batches = 0
+        self._mask_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phi3v-masks")
         self._worker = threading.Thread(target=self._work, name="phi3v-runner", daemon=True)
         self._worker.start()
 
@@ -302,6 +329,7 @@ class Runner:
                 break
         for handle in self._carry:
             handle.fail(CancelledError("the runner was closed"))
+        self._mask_worker.shutdown(wait=False)
 
     def _check_limits(self, request: GenerationRequest) -> None:
         s = self.settings
@@ -469,36 +497,39 @@ class Runner:
             input_ids[i, longest - len(p.ids) :] = torch.tensor(p.ids)
             mask[i, longest - len(p.ids) :] = 1
         features = [f for p in group for f in p.features]
-        rows = [
-            _Row(p, torch.Generator().manual_seed(p.handle.request.seed) if p.handle.request.seed is not None else None)
-            for p in group
-        ]
-        with torch.inference_mode():
-            embeds = self.model.embed(input_ids.to(device), image_features=features)
-            decoder = BatchDecoder(self.model, embeds, mask.to(device))
-            prefill_s = time.perf_counter() - started
-            bitmask = self.grammars.allocate(len(rows)) if any(p.constraint for p in group) else None
-            while rows:
-                tokens = self._choose(decoder.logits, rows, bitmask)
-                now = time.perf_counter()
-                keep: list[int] = []
-                for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-                    if self._advance(row, token, now, prefill_s):
-                        keep.append(i)
-                if not keep:
-                    break
-                if len(keep) < len(rows):
-                    rows = [rows[i] for i in keep]
-                    decoder.keep(keep)
-                    if bitmask is not None:
-                        bitmask = bitmask[: len(rows)]
-                decoder.step(torch.tensor([r.tokens[-1] for r in rows], device=device))
-                self.decode_steps += 1
+        rows = [_Row(p, _generator(p.handle.request.seed)) for p in group]
+        bitmask = self.grammars.allocate(len(rows)) if any(p.constraint for p in group) else None
+        masks = _MaskPipeline(self._mask_worker, self.grammars if bitmask is not None else None)
+        try:
+            with torch.inference_mode():
+                masks.start(rows, bitmask)  # computed while the prompt is prefilled
+                embeds = self.model.embed(input_ids.to(device), image_features=features)
+                decoder = BatchDecoder(self.model, embeds, mask.to(device))
+                prefill_s = time.perf_counter() - started
+                while rows:
+                    masks.wait()
+                    tokens = self._choose(decoder.logits, rows, bitmask)
+                    now = time.perf_counter()
+                    keep = [
+                        i
+                        for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
+                        if self._advance(row, token, now, prefill_s)
+                    ]
+                    if not keep:
+                        break
+                    if len(keep) < len(rows):
+                        rows = [rows[i] for i in keep]
+                        decoder.keep(keep)
+                        bitmask = bitmask[: len(rows)] if bitmask is not None else None
+                    masks.start(rows, bitmask)  # the next step's masks, while the model runs the step
+                    decoder.step(torch.tensor([r.tokens[-1] for r in rows], device=device))
+                    self.decode_steps += 1
+        finally:  # never leave a mask computation running on matchers a retry will reset
+            masks.wait(quiet=True)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row], bitmask: torch.Tensor | None) -> list[int]:
         logits = logits.float()
-        if bitmask is not None:
-            self.grammars.fill([r.prepared.constraint for r in rows], bitmask)
+        if bitmask is not None:  # filled by the _MaskPipeline
             self.grammars.apply(logits, bitmask)
         chosen = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):

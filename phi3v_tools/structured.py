@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from phi3v_tools.errors import GenerationError
 
 DEFAULT_MAX_STRING = 2000  # characters in any string the model writes
 DEFAULT_MAX_ITEMS = 64  # entries in any array or free-form object
+MAX_NUMBER = 1e15  # numbers are plain decimals within +-1e15 unless the schema bounds them itself
 _MISSING = object()
 
 
@@ -53,12 +55,21 @@ def bound_schema(
             node["maxLength"] = min(int(node.get("maxLength", max_string)), max_string)
         if "array" in types:
             node["maxItems"] = min(int(node.get("maxItems", max_items)), max_items)
+        if types & {"integer", "number"}:  # plain decimals in a float-safe range: no 1e999 -> inf
+            limit = MAX_NUMBER if "number" in types else int(MAX_NUMBER)
+            node.setdefault("minimum", -limit)
+            node.setdefault("maximum", limit)
         if "object" in types or "properties" in node:
             extra = node.get("additionalProperties")
-            if "properties" in node and extra is None:
+            props = node.get("properties", {})
+            if props and extra is None:
                 node["additionalProperties"] = False  # no invented keys
-            elif isinstance(extra, dict) or extra is True or (extra is None and "properties" not in node):
-                node["maxProperties"] = min(int(node.get("maxProperties", max_items)), max_items)
+            elif extra is not False and set(props) <= set(node.get("required", [])):
+                # llguidance bounds the key count only when every declared key is required; otherwise the
+                # object stays unbounded in the grammar and truncation closing still guarantees validity.
+                node["maxProperties"] = min(
+                    int(node.get("maxProperties", max_items + len(props))), max_items + len(props)
+                )
         for key, value in node.items():
             if key in ("properties", "$defs", "definitions", "patternProperties"):
                 for sub in value.values():
@@ -201,6 +212,14 @@ def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
+def _alternatives(node: dict[str, Any], root: dict[str, Any]) -> list[dict[str, Any]]:
+    """The non-union schemas a (possibly nested) anyOf/oneOf stands for, in order."""
+    branches = node.get("anyOf") or node.get("oneOf")
+    if not branches:
+        return [node]
+    return [alt for branch in branches for alt in _alternatives(_resolve(branch, root), root)]
+
+
 def _types(node: dict[str, Any]) -> list[str]:
     kind = node.get("type")
     if isinstance(kind, list):
@@ -221,11 +240,10 @@ def minimal_value(node: dict[str, Any], root: dict[str, Any]) -> Any:
         return node["const"]
     if "enum" in node:
         return node["enum"][0]
-    for key in ("anyOf", "oneOf"):
-        if key in node:
-            branches = [_resolve(b, root) for b in node[key]]
-            nullable = [b for b in branches if "null" in _types(b)]
-            return minimal_value((nullable or branches)[0], root)
+    if "anyOf" in node or "oneOf" in node:
+        alternatives = _alternatives(node, root)
+        nullable = [b for b in alternatives if "null" in _types(b)]
+        return minimal_value((nullable or alternatives)[0], root)
     types = _types(node)
     if "null" in types:
         return None
@@ -233,13 +251,9 @@ def minimal_value(node: dict[str, Any], root: dict[str, Any]) -> Any:
         return None
     kind = types[0]
     if kind == "string":
-        return "-" * int(node.get("minLength", 0))
+        return _finish_string("", node)
     if kind in ("integer", "number"):
-        low = node.get("minimum", node.get("exclusiveMinimum", 0))
-        value = max(0, low) if "maximum" not in node else min(max(0, low), node["maximum"])
-        if "exclusiveMinimum" in node and value <= node["exclusiveMinimum"]:
-            value = node["exclusiveMinimum"] + 1
-        return int(value) if kind == "integer" else value
+        return fit_number(0, node, integer=kind == "integer")
     if kind == "boolean":
         return False
     if kind == "array":
@@ -248,6 +262,38 @@ def minimal_value(node: dict[str, Any], root: dict[str, Any]) -> Any:
         props = node.get("properties", {})
         return {name: minimal_value(props.get(name, {}), root) for name in node.get("required", [])}
     return None
+
+
+def fit_number(value: float, node: dict[str, Any], *, integer: bool) -> int | float:
+    """``value`` moved into the node's [exclusive]minimum/maximum (and made whole for integers)."""
+    if not math.isfinite(value):
+        value = 0
+    low, high = node.get("minimum"), node.get("maximum")
+    above, below = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
+    if integer:
+        if low is not None:
+            low = math.ceil(low)
+        if high is not None:
+            high = math.floor(high)
+        if above is not None:
+            low = max(low, math.floor(above) + 1) if low is not None else math.floor(above) + 1
+        if below is not None:
+            high = min(high, math.ceil(below) - 1) if high is not None else math.ceil(below) - 1
+        value = math.floor(value) if value >= 0 else math.ceil(value)
+    else:  # a readable value strictly inside exclusive bounds: one unit in, or halfway when that is too far
+        if above is not None:
+            ceiling = below if below is not None else high
+            step_in = above + 1 if ceiling is None or above + 1 < ceiling else (above + ceiling) / 2
+            low = max(low, step_in) if low is not None else step_in
+        if below is not None:
+            floor_ = above if above is not None else low
+            step_in = below - 1 if floor_ is None or below - 1 > floor_ else (below + floor_) / 2
+            high = min(high, step_in) if high is not None else step_in
+    if low is not None and value < low:
+        value = low
+    if high is not None and value > high:
+        value = high
+    return int(value) if integer else value
 
 
 class _PartialParser:
@@ -278,20 +324,19 @@ class _PartialParser:
         return self._scalar(node)
 
     def _branch(self, node: dict[str, Any]) -> dict[str, Any]:
-        """For anyOf/oneOf, the branch whose type matches what the text starts with."""
-        branches = node.get("anyOf") or node.get("oneOf")
-        if not branches:
-            return node
+        """For anyOf/oneOf (nested too), the alternative whose type matches what the text starts with."""
+        alternatives = _alternatives(node, self.root)
+        if len(alternatives) == 1:
+            return alternatives[0]
         c = self._peek()
         wanted = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}.get(
             c, "number" if c in "-0123456789" else ""
         )
-        resolved = [_resolve(b, self.root) for b in branches]
-        for branch in resolved:
+        for branch in alternatives:
             types = _types(branch)
             if wanted in types or (wanted == "number" and "integer" in types) or ("enum" in branch and c == '"'):
                 return branch
-        return resolved[0]
+        return alternatives[0]
 
     def _object(self, node: dict[str, Any]) -> dict[str, Any]:
         self.i += 1  # {
@@ -385,7 +430,9 @@ class _PartialParser:
                 token = token[:-1]  # "12." -> "12", "-" -> ""
         else:
             return minimal_value(node, self.root)
-        return int(number) if "integer" in _types(node) else number
+        if not isinstance(number, (int, float)):
+            return minimal_value(node, self.root)
+        return fit_number(number, node, integer="integer" in _types(node) and "number" not in _types(node))
 
 
 def _finish_string(text: str, node: dict[str, Any]) -> str:
@@ -395,4 +442,4 @@ def _finish_string(text: str, node: dict[str, Any]) -> str:
         return matching[0] if matching else (members[0] if members else text)
     if "maxLength" in node:
         text = text[: int(node["maxLength"])]
-    return text
+    return text.ljust(int(node.get("minLength", 0)), "-")

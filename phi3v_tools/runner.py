@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -183,28 +183,6 @@ def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
 
 
-class _MaskPipeline:
-    """Grammar masks computed on a helper thread, overlapping the model's forward pass."""
-
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, grammars: GrammarCompiler | None) -> None:
-        self.pool = pool
-        self.grammars = grammars
-        self.pending: concurrent.futures.Future[None] | None = None
-
-    def start(self, rows: list[_Row], bitmask: torch.Tensor | None) -> None:
-        if self.grammars is not None and bitmask is not None:
-            self.pending = self.pool.submit(self.grammars.fill, [r.prepared.constraint for r in rows], bitmask)
-
-    def wait(self, quiet: bool = False) -> None:
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        if quiet:
-            concurrent.futures.wait([pending])
-        else:
-            pending.result()
-
-
 def _with_image_tags(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:
     """Reference the images at the start of the last user message when no message tags them."""
     if n_images == 0 or any(IMAGE_TAG.search(m.get("content", "")) for m in messages):
@@ -242,13 +220,15 @@ class Runner:
         self._closed = threading.Event()
         self.decode_steps = 0  # forward passes after prefill, over the runner's life
         self.batches = 0
-        self._mask_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phi3v-masks")
         self._worker = threading.Thread(target=self._work, name="phi3v-runner", daemon=True)
         self._worker.start()
 
     @classmethod
-    def load(cls, settings: Settings, *, progress: bool = True) -> Runner:
-        """Load ``settings.model`` (downloading with a progress bar if it is a hub id) and start serving."""
+    def load(cls, settings: Settings, *, progress: bool = True, warm_up: bool = True) -> Runner:
+        """Load ``settings.model`` (downloading with a progress bar if it is a hub id) and start serving.
+
+        ``warm_up`` prepares the grammar engine on a background thread, so the first JSON request is not slow.
+        """
         processor = Phi3VProcessor.from_pretrained(
             settings.model, num_crops=settings.num_crops, cache_dir=settings.cache_dir
         )
@@ -260,7 +240,10 @@ class Runner:
             cache_dir=settings.cache_dir,
             progress=progress,
         )
-        return cls(model, processor, settings)
+        runner = cls(model, processor, settings)
+        if warm_up:
+            threading.Thread(target=runner.grammars.warm_up, name="phi3v-grammar-warm-up", daemon=True).start()
+        return runner
 
     # -- information --------------------------------------------------------------------------------------------------
 
@@ -314,6 +297,10 @@ class Runner:
             handle.cancel()
             raise
 
+    def stream(self, request: GenerationRequest) -> TextStream:
+        """``async for piece in runner.stream(req)``: the answer's text as it is generated; then ``.result``."""
+        return TextStream(self, request)
+
     def generate_sync(self, request: GenerationRequest) -> GenerationResult:
         handle = self.submit(request)
         return handle.future.result()
@@ -329,7 +316,6 @@ class Runner:
                 break
         for handle in self._carry:
             handle.fail(CancelledError("the runner was closed"))
-        self._mask_worker.shutdown(wait=False)
 
     def _check_limits(self, request: GenerationRequest) -> None:
         s = self.settings
@@ -499,39 +485,42 @@ class Runner:
         features = [f for p in group for f in p.features]
         rows = [_Row(p, _generator(p.handle.request.seed)) for p in group]
         bitmask = self.grammars.allocate(len(rows)) if any(p.constraint for p in group) else None
-        masks = _MaskPipeline(self._mask_worker, self.grammars if bitmask is not None else None)
-        try:
-            with torch.inference_mode():
-                masks.start(rows, bitmask)  # computed while the prompt is prefilled
-                embeds = self.model.embed(input_ids.to(device), image_features=features)
-                decoder = BatchDecoder(self.model, embeds, mask.to(device))
-                prefill_s = time.perf_counter() - started
-                while rows:
-                    masks.wait()
-                    tokens = self._choose(decoder.logits, rows, bitmask)
-                    now = time.perf_counter()
-                    keep = [
-                        i
-                        for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
-                        if self._advance(row, token, now, prefill_s)
-                    ]
-                    if not keep:
-                        break
-                    if len(keep) < len(rows):
-                        rows = [rows[i] for i in keep]
-                        decoder.keep(keep)
-                        bitmask = bitmask[: len(rows)] if bitmask is not None else None
-                    masks.start(rows, bitmask)  # the next step's masks, while the model runs the step
-                    decoder.step(torch.tensor([r.tokens[-1] for r in rows], device=device))
-                    self.decode_steps += 1
-        finally:  # never leave a mask computation running on matchers a retry will reset
-            masks.wait(quiet=True)
+        with torch.inference_mode():
+            embeds = self.model.embed(input_ids.to(device), image_features=features)
+            decoder = BatchDecoder(self.model, embeds, mask.to(device))
+            prefill_s = time.perf_counter() - started
+            while rows:
+                # On CUDA the step's kernels are still running here: the grammar masks are computed meanwhile.
+                if bitmask is not None:
+                    self.grammars.fill([r.prepared.constraint for r in rows], bitmask)
+                tokens = self._choose(decoder.logits, rows, bitmask)
+                now = time.perf_counter()
+                keep = [
+                    i
+                    for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
+                    if self._advance(row, token, now, prefill_s)
+                ]
+                if not keep:
+                    break
+                if len(keep) < len(rows):
+                    rows = [rows[i] for i in keep]
+                    decoder.keep(keep)
+                    bitmask = bitmask[: len(rows)] if bitmask is not None else None
+                decoder.step(torch.tensor([r.tokens[-1] for r in rows], device=device))
+                self.decode_steps += 1
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row], bitmask: torch.Tensor | None) -> list[int]:
         logits = logits.float()
-        if bitmask is not None:  # filled by the _MaskPipeline
-            self.grammars.apply(logits, bitmask)
         chosen = logits.argmax(dim=-1).tolist()
+        if bitmask is not None:
+            # Masking all 32k logits costs more than the mask itself; a greedy row whose favourite token is
+            # allowed anyway (the usual case for a trained model) skips it.
+            bits = bitmask.numpy()
+            sampled = any(r.prepared.handle.request.temperature > 0 for r in rows)
+            if sampled or not all(bits[i, t >> 5] >> (t & 31) & 1 for i, t in enumerate(chosen)):
+                logits = logits.contiguous()
+                self.grammars.apply(logits, bitmask)
+                chosen = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             request = row.prepared.handle.request
             if request.temperature > 0:
@@ -627,6 +616,38 @@ class Runner:
                 timings=timings,
             )
         )
+
+
+class TextStream:
+    """Async iterator over the pieces of text of one request; ``result`` holds the full result at the end.
+
+    Breaking out of the loop (or cancelling the consuming task) cancels the request.
+    """
+
+    def __init__(self, runner: Runner, request: GenerationRequest) -> None:
+        self._runner = runner
+        self._request = request
+        self.result: GenerationResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        listener = self._request.on_text
+
+        def on_text(piece: str) -> None:
+            if listener is not None:
+                listener(piece)
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        handle = self._runner.submit(replace(self._request, on_text=on_text))
+        handle.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+            self.result = await asyncio.wrap_future(handle.future)
+        finally:
+            if not handle.future.done():
+                handle.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

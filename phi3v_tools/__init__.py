@@ -1,7 +1,8 @@
 """phi3v-tools: Phi-3-vision as tools for agents (LangChain, MCP, CLI, Python).
 
-The model lives in :mod:`phi3v_tools.model`; it is imported on first use so that ``import phi3v_tools``
-stays light.
+``describe_image``, ``read_text``, ``compare_images`` and ``ask_images`` are the Python API (see
+:mod:`phi3v_tools.api`); the model lives in :mod:`phi3v_tools.model`. Both are imported on first use so
+that ``import phi3v_tools`` stays light.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,4 +14,14 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
     __version__ = "0.0.0"
 
-__all__ = ["Phi3VToolsError", "__version__"]
+__all__ = ["Phi3VToolsError", "__version__", "ask_images", "compare_images", "describe_image", "read_text"]
+_LAZY = {"ask_images", "compare_images", "describe_image", "read_text"}
+
+
+def __getattr__(name: str) -> object:
+    """The tool functions load the model stack on first use, so ``import phi3v_tools`` stays light."""
+    if name in _LAZY:
+        from phi3v_tools import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'phi3v_tools' has no attribute {name!r}")

@@ -207,6 +207,7 @@ class Runner:
         self.model = model
         self.processor = processor
         self.settings = settings
+        self.model_name = settings.model
         self.model_id = f"{settings.model}|{model.dtype}"
         cache_mb = settings.feature_cache_mb
         if cache_mb is None:

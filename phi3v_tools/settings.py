@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from phi3v_tools.images import ImagePolicy
 from phi3v_tools.model.checkpoint import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 
 ENV_PREFIX = "PHI3V_"
@@ -23,8 +24,10 @@ _INTS = {
     "max_new_tokens",
     "max_context",
     "feature_cache_mb",
+    "max_image_pixels",
+    "max_compare",
 }
-_FLOATS = {"batch_window_ms", "request_timeout_s"}
+_FLOATS = {"batch_window_ms", "request_timeout_s", "max_image_mb", "url_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,22 @@ class Settings:
     max_context: int = 4096  # prompt + new tokens; above 4096 LongRoPE switches factors (see the README)
     request_timeout_s: float = 300.0  # waiting + running
     feature_cache_mb: int | None = None  # None: 2048 on CUDA, 512 on CPU
+    # Image references (phi3v_tools.images): what the tools may read.
+    allowed_dirs: tuple[Path, ...] = ()  # local paths allowed under these; () = the working directory
+    allow_urls: bool = True  # fetch http(s) URLs (public addresses only)
+    max_image_mb: float = 20.0
+    max_image_pixels: int = 40_000_000
+    url_timeout_s: float = 15.0
+    max_compare: int = 4  # images per compare_images / ask_images call
+
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy(
+            allowed_dirs=self.allowed_dirs or (Path.cwd(),),
+            allow_urls=self.allow_urls,
+            max_bytes=int(self.max_image_mb * 2**20),
+            max_pixels=self.max_image_pixels,
+            url_timeout_s=self.url_timeout_s,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -65,6 +84,12 @@ class Settings:
                     raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a number, got {raw!r}") from None
             elif f.name == "cache_dir":
                 values[f.name] = Path(raw).expanduser()
+            elif f.name == "allowed_dirs":
+                values[f.name] = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
+            elif f.name == "allow_urls":
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(f"{ENV_PREFIX}ALLOW_URLS must be true or false, got {raw!r}")
+                values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
         settings = cls(**values)

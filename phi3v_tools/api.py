@@ -1,0 +1,56 @@
+"""The plain Python API: ``describe_image``, ``read_text``, ``compare_images``, ``ask_images``.
+
+They use one process-wide :class:`~phi3v_tools.tools.Toolbox` built from ``PHI3V_*`` variables on first
+use (this module is an edge: it reads the environment once). Build your own Toolbox for other settings.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from phi3v_tools.images import ImageRef
+from phi3v_tools.runner import get_runner
+from phi3v_tools.settings import Settings
+from phi3v_tools.tools import Answer, Detail, ImageComparison, ImageDescription, TextReading, Toolbox
+
+_DEFAULT: Toolbox | None = None
+_LOCK = threading.Lock()
+
+
+def toolbox_from_settings(settings: Settings) -> Toolbox:
+    """A Toolbox over the process's shared runner for ``settings`` (the model loads on the first call)."""
+    return Toolbox(lambda: get_runner(settings), settings.image_policy(), max_compare=settings.max_compare)
+
+
+def default_toolbox() -> Toolbox:
+    global _DEFAULT
+    with _LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = toolbox_from_settings(Settings.from_env())
+        return _DEFAULT
+
+
+def describe_image(image: ImageRef, question: str | None = None, detail: Detail = "normal") -> ImageDescription:
+    """What an image shows: description, main objects, kind of image, visible text."""
+    return default_toolbox().describe_image(image, question, detail)
+
+
+def read_text(image: ImageRef, fields: Sequence[str] | None = None) -> TextReading:
+    """The text in an image in reading order; with ``fields`` (e.g. ["title", "author"]) those values too."""
+    return default_toolbox().read_text(image, fields)
+
+
+def compare_images(images: Sequence[ImageRef], question: str | None = None) -> ImageComparison:
+    """Summary, similarities and differences of 2 to 4 images."""
+    return default_toolbox().compare_images(images, question)
+
+
+def ask_images(
+    images: ImageRef | Sequence[ImageRef], question: str, output_schema: dict[str, Any] | type[BaseModel] | None = None
+) -> Answer:
+    """Any question about images; with ``output_schema`` the answer conforms to it."""
+    return default_toolbox().ask_images(images, question, output_schema)

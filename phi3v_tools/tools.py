@@ -1,0 +1,370 @@
+"""The vision tools: ``describe_image``, ``read_text``, ``compare_images`` and ``ask_images``.
+
+Each tool is a prompt plus a pydantic result model. The model writes the fields it can know (constrained
+by the JSON schema of those fields); the tool adds what only it knows (image handles, sizes, the model id,
+token usage, timings). Adapters (LangChain, MCP, CLI) wrap the :class:`Toolbox` methods and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, TypeVar
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from phi3v_tools.errors import PromptError
+from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
+from phi3v_tools.runner import GenerationRequest, GenerationResult
+
+Detail = Literal["brief", "normal", "detailed"]
+ImageKind = Literal["photo", "chart", "document", "screenshot", "diagram", "illustration", "other"]
+MAX_NEW_TOKENS: dict[str, int] = {"brief": 160, "normal": 400, "detailed": 800}
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ -]{0,63}$")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results
+
+
+class ImageInfo(BaseModel):
+    handle: str = Field(description="Refer to this image in later calls with this handle instead of resending it.")
+    width: int = Field(description="Width in pixels.")
+    height: int = Field(description="Height in pixels.")
+
+
+class CallInfo(BaseModel):
+    model: str = Field(description="The model that answered.")
+    prompt_tokens: int = Field(description="Tokens in the prompt, images included.")
+    completion_tokens: int = Field(description="Tokens the model generated.")
+    cached_images: int = Field(description="Images whose features were reused from an earlier call.")
+    truncated: bool = Field(description="True when the answer hit its length limit and was closed early.")
+    seconds: dict[str, float] = Field(description="Time spent: queue, preprocess, vision, prefill, decode, total.")
+
+
+class _Answer(BaseModel):
+    """Fields the model writes (its JSON schema constrains generation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _WithMeta(BaseModel):
+    images: list[ImageInfo] = Field(description="The input images, in order, with handles for later calls.")
+    call: CallInfo = Field(description="Model, token usage and timings of this call.")
+
+
+class _DescribeAnswer(_Answer):
+    description: str = Field(description="What the image shows, focused on the question when one was asked.")
+    objects: list[str] = Field(description="The main objects or elements in the image.", max_length=20)
+    kind: ImageKind = Field(description="The kind of image.")
+    visible_text: str | None = Field(description="Text visible in the image, or null when there is none.")
+
+
+class ImageDescription(_WithMeta, _DescribeAnswer):
+    """The result of describe_image."""
+
+    def to_text(self) -> str:
+        text = f"{self.description}\n(kind: {self.kind}"
+        if self.objects:
+            text += f"; objects: {', '.join(self.objects)}"
+        return text + ")" + (f"\nVisible text: {self.visible_text}" if self.visible_text else "")
+
+
+class _ReadAnswer(_Answer):
+    text: str = Field(description="All text in the image, in reading order.")
+    lines: list[str] = Field(description="The text, one entry per line.", max_length=200)
+
+
+class TextReading(_WithMeta, _ReadAnswer):
+    """The result of read_text."""
+
+    fields: dict[str, str | None] | None = Field(
+        default=None, description="The requested fields: the value read from the image, or null when absent."
+    )
+
+    def to_text(self) -> str:
+        if self.fields is None:
+            return self.text
+        found = "; ".join(f"{k}: {v if v is not None else '(not found)'}" for k, v in self.fields.items())
+        return f"{found}\n\n{self.text}"
+
+
+class _CompareAnswer(_Answer):
+    summary: str = Field(description="How the images relate, answering the question when one was asked.")
+    similarities: list[str] = Field(description="What the images have in common.", max_length=20)
+    differences: list[str] = Field(description="How the images differ.", max_length=20)
+
+
+class ImageComparison(_WithMeta, _CompareAnswer):
+    """The result of compare_images."""
+
+    def to_text(self) -> str:
+        parts = [self.summary]
+        if self.similarities:
+            parts.append("Similar: " + "; ".join(self.similarities))
+        if self.differences:
+            parts.append("Different: " + "; ".join(self.differences))
+        return "\n".join(parts)
+
+
+class Answer(_WithMeta):
+    """The result of ask_images: free text, or a value conforming to the caller's schema."""
+
+    answer: Any = Field(description="The answer: text, or a JSON value matching output_schema when one was given.")
+
+    def to_text(self) -> str:
+        return self.answer if isinstance(self.answer, str) else _compact_json(self.answer)
+
+
+def _compact_json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The toolbox
+
+
+class Backend(Protocol):
+    """What the tools need from a runner (the local Runner, a remote backend, or a fake in tests)."""
+
+    model_name: str
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def generate_sync(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+R = TypeVar("R", bound=_WithMeta)
+ProgressCallback = Callable[[str], None]
+
+
+class Toolbox:
+    """The four tools over one backend, one image policy and one store of image handles."""
+
+    def __init__(
+        self,
+        backend: Backend | Callable[[], Backend],
+        policy: ImagePolicy | None = None,
+        *,
+        store: ImageStore | None = None,
+        max_compare: int = 4,
+        multi_image_num_crops: int = 4,
+    ) -> None:
+        self._backend = backend
+        self.policy = policy or ImagePolicy()
+        self.store = store or ImageStore()
+        self.max_compare = max_compare
+        self.multi_image_num_crops = multi_image_num_crops
+
+    @property
+    def backend(self) -> Backend:
+        """The backend, created on first use when a factory was given (the model loads lazily)."""
+        if callable(self._backend) and not hasattr(self._backend, "generate"):
+            self._backend = self._backend()
+        return self._backend  # type: ignore[return-value]
+
+    # -- requests (shared by the sync and async paths) -----------------------------------------------------------------
+
+    def _images(self, refs: ImageRef | Sequence[ImageRef], least: int, most: int) -> list[LoadedImage]:
+        if isinstance(refs, str | bytes | os.PathLike | Image.Image):
+            refs = [refs]
+        if not least <= len(refs) <= most:
+            wanted = f"{least}" if least == most else f"{least} to {most}"
+            raise PromptError(f"{len(refs)} images given; this tool takes {wanted}")
+        return load_images(refs, self.policy, self.store)
+
+    def describe_request(
+        self, image: ImageRef, question: str | None = None, detail: Detail = "normal"
+    ) -> tuple[GenerationRequest, list[LoadedImage], type[ImageDescription]]:
+        if detail not in MAX_NEW_TOKENS:
+            raise PromptError(f"detail must be one of {', '.join(MAX_NEW_TOKENS)}, not {detail!r}")
+        images = self._images([image], 1, 1)
+        length = {"brief": "in one or two sentences", "normal": "in a short paragraph", "detailed": "in detail"}
+        prompt = f"Describe this image {length[detail]}."
+        if question:
+            prompt = f"{_clean(question)}\nAnswer {length[detail]}, focused on that question."
+        prompt += " Also say what kind of image it is, list its main objects, and copy any visible text."
+        return self._request(prompt, images, _DescribeAnswer, MAX_NEW_TOKENS[detail]), images, ImageDescription
+
+    def read_text_request(
+        self, image: ImageRef, fields: Sequence[str] | None = None
+    ) -> tuple[GenerationRequest, list[LoadedImage], type[TextReading]]:
+        images = self._images([image], 1, 1)
+        prompt = "Transcribe all the text in this image in reading order, one entry per line."
+        schema = _ReadAnswer.model_json_schema()
+        if fields:
+            names = _field_names(fields)
+            schema["properties"]["fields"] = {
+                "type": "object",
+                "properties": {name: {"anyOf": [{"type": "string"}, {"type": "null"}]} for name in names},
+                "required": names,
+                "additionalProperties": False,
+                "description": "The requested fields; null for a field that is not in the image.",
+            }
+            schema["required"] = [*schema["required"], "fields"]
+            prompt += f" Also extract these fields: {', '.join(names)}. Use null for a field that is not there."
+        request = GenerationRequest.from_text(prompt, [i.image for i in images], json_schema=schema)
+        request.image_digests = [i.digest for i in images]
+        request.max_new_tokens = 800
+        return request, images, TextReading
+
+    def compare_request(
+        self, images_in: Sequence[ImageRef], question: str | None = None
+    ) -> tuple[GenerationRequest, list[LoadedImage], type[ImageComparison]]:
+        images = self._images(images_in, 2, self.max_compare)
+        prompt = "Compare these images." if not question else f"Compare these images: {_clean(question)}"
+        prompt += " Summarize how they relate, then list their similarities and their differences."
+        request = self._request(prompt, images, _CompareAnswer, 500)
+        request.num_crops = self.multi_image_num_crops  # several images: keep the prompt short (Phi-3.5 advice)
+        return request, images, ImageComparison
+
+    def ask_request(
+        self,
+        images_in: ImageRef | Sequence[ImageRef],
+        question: str,
+        output_schema: dict[str, Any] | type[BaseModel] | None = None,
+        max_new_tokens: int = 500,
+    ) -> tuple[GenerationRequest, list[LoadedImage], type[Answer]]:
+        if not question or not question.strip():
+            raise PromptError("ask_images needs a question")
+        images = self._images(images_in, 1, self.max_compare)
+        schema = None
+        if output_schema is not None:
+            schema = output_schema.model_json_schema() if isinstance(output_schema, type) else dict(output_schema)
+        request = GenerationRequest.from_text(
+            _clean(question), [i.image for i in images], json_schema=schema, max_new_tokens=max_new_tokens
+        )
+        request.image_digests = [i.digest for i in images]
+        if len(images) > 1:
+            request.num_crops = self.multi_image_num_crops
+        return request, images, Answer
+
+    def _request(
+        self, prompt: str, images: list[LoadedImage], answer: type[_Answer], max_new_tokens: int
+    ) -> GenerationRequest:
+        request = GenerationRequest.from_text(
+            prompt, [i.image for i in images], json_schema=answer.model_json_schema(), max_new_tokens=max_new_tokens
+        )
+        request.image_digests = [i.digest for i in images]
+        return request
+
+    def result(self, cls: type[R], images: list[LoadedImage], generated: GenerationResult) -> R:
+        """The tool's result model from the model's answer plus what the tool knows."""
+        t = generated.timings
+        call = CallInfo(
+            model=self.backend.model_name,
+            prompt_tokens=generated.prompt_tokens,
+            completion_tokens=generated.completion_tokens,
+            cached_images=generated.cached_images,
+            truncated=generated.truncated,
+            seconds={
+                "queue": round(t.queue_s, 4),
+                "preprocess": round(t.preprocess_s, 4),
+                "vision": round(t.vision_s, 4),
+                "prefill": round(t.prefill_s, 4),
+                "decode": round(t.decode_s, 4),
+                "total": round(t.total_s, 4),
+            },
+        )
+        infos = [ImageInfo(handle=i.handle, width=i.width, height=i.height) for i in images]
+        if cls is Answer:
+            answer = generated.parsed if generated.parsed is not None else generated.text.strip()
+            return cls.model_validate({"answer": answer, "images": infos, "call": call})
+        return cls.model_validate({**(generated.parsed or {}), "images": infos, "call": call})
+
+    # -- the tools --------------------------------------------------------------------------------------------------
+
+    def describe_image(
+        self, image: ImageRef, question: str | None = None, detail: Detail = "normal"
+    ) -> ImageDescription:
+        """What an image shows (focused on ``question`` if given): description, objects, kind, visible text."""
+        return self._run(*self.describe_request(image, question, detail))
+
+    def read_text(self, image: ImageRef, fields: Sequence[str] | None = None) -> TextReading:
+        """The text in an image (OCR), and optionally named fields such as title and author."""
+        return self._run(*self.read_text_request(image, fields))
+
+    def compare_images(self, images: Sequence[ImageRef], question: str | None = None) -> ImageComparison:
+        """How 2 to ``max_compare`` images relate: summary, similarities, differences."""
+        return self._run(*self.compare_request(images, question))
+
+    def ask_images(
+        self,
+        images: ImageRef | Sequence[ImageRef],
+        question: str,
+        output_schema: dict[str, Any] | type[BaseModel] | None = None,
+    ) -> Answer:
+        """Any question about 1 to ``max_compare`` images; with ``output_schema`` the answer conforms to it."""
+        return self._run(*self.ask_request(images, question, output_schema))
+
+    async def adescribe_image(
+        self,
+        image: ImageRef,
+        question: str | None = None,
+        detail: Detail = "normal",
+        *,
+        on_text: ProgressCallback | None = None,
+    ) -> ImageDescription:
+        return await self._arun(*await asyncio.to_thread(self.describe_request, image, question, detail), on_text)
+
+    async def aread_text(
+        self, image: ImageRef, fields: Sequence[str] | None = None, *, on_text: ProgressCallback | None = None
+    ) -> TextReading:
+        return await self._arun(*await asyncio.to_thread(self.read_text_request, image, fields), on_text)
+
+    async def acompare_images(
+        self, images: Sequence[ImageRef], question: str | None = None, *, on_text: ProgressCallback | None = None
+    ) -> ImageComparison:
+        return await self._arun(*await asyncio.to_thread(self.compare_request, images, question), on_text)
+
+    async def aask_images(
+        self,
+        images: ImageRef | Sequence[ImageRef],
+        question: str,
+        output_schema: dict[str, Any] | type[BaseModel] | None = None,
+        *,
+        on_text: ProgressCallback | None = None,
+    ) -> Answer:
+        return await self._arun(*await asyncio.to_thread(self.ask_request, images, question, output_schema), on_text)
+
+    def _run(self, request: GenerationRequest, images: list[LoadedImage], cls: type[R]) -> R:
+        return self.result(cls, images, self.backend.generate_sync(request))
+
+    async def _arun(
+        self, request: GenerationRequest, images: list[LoadedImage], cls: type[R], on_text: ProgressCallback | None
+    ) -> R:
+        request.on_text = on_text
+        backend = self.backend
+        return self.result(cls, images, await backend.generate(request))
+
+
+def _clean(text: str) -> str:
+    """User text with image tags removed: the tools place the images themselves."""
+    from phi3v_tools.model.processing import IMAGE_TAG
+
+    cleaned = IMAGE_TAG.sub("", text).strip()
+    if len(cleaned) > 4000:
+        raise PromptError(f"the question has {len(cleaned)} characters; keep it under 4000")
+    return cleaned
+
+
+def _field_names(fields: Sequence[str]) -> list[str]:
+    if isinstance(fields, str):
+        fields = fields.split(",")
+    names = []
+    for raw in fields:
+        name = raw.strip()
+        if not FIELD_NAME.match(name):
+            raise PromptError(
+                f"field name {raw!r} is not allowed: use letters, digits, spaces, '_' or '-', at most 64 characters"
+            )
+        if name not in names:
+            names.append(name)
+    if not names or len(names) > 20:
+        raise PromptError(f"give 1 to 20 field names, got {len(names)}")
+    return names

@@ -16,6 +16,7 @@ from phi3v_tools.model.checkpoint import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 
 ENV_PREFIX = "PHI3V_"
 _INTS = {
+    "mcp_port",
     "num_crops",
     "max_batch_size",
     "max_batch_tokens",
@@ -27,7 +28,7 @@ _INTS = {
     "max_image_pixels",
     "max_compare",
 }
-_FLOATS = {"batch_window_ms", "request_timeout_s", "max_image_mb", "url_timeout_s"}
+_FLOATS = {"mcp_max_body_mb", "batch_window_ms", "request_timeout_s", "max_image_mb", "url_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class Settings:
     max_image_pixels: int = 40_000_000
     url_timeout_s: float = 15.0
     max_compare: int = 4  # images per compare_images / ask_images call
+    # The MCP server (servers/phi3v_mcp).
+    mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
+    mcp_port: int = 8765
+    mcp_token: str | None = None  # when set, HTTP clients must send "Authorization: Bearer <token>"
+    mcp_max_body_mb: float = 40.0  # largest HTTP request body (base64 images are ~4/3 of their file size)
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor, make_tiny_checkpoint
+from phi3v_tools.images import ImagePolicy
 from phi3v_tools.runner import Runner
 from phi3v_tools.settings import Settings
+from phi3v_tools.tools import Toolbox
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("PHI3V_REFERENCE_DIR", REPO.parent / "shared" / "phi3v-reference"))
@@ -44,6 +46,31 @@ def tiny_runner(tiny_model: Phi3VForCausalLM, tiny_processor: Phi3VProcessor, ti
     runner = Runner(tiny_model, tiny_processor, Settings(model=str(tiny_dir), batch_window_ms=20))
     yield runner
     runner.close()
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo pictures as files in one directory: chart.png, cover.png, scene_a.png, scene_b.png."""
+    from phi3v_tools.demo import book_cover, revenue_chart, scene
+
+    folder = tmp_path_factory.mktemp("images")
+    paths = {
+        "chart": folder / "chart.png",
+        "cover": folder / "cover.png",
+        "scene_a": folder / "scene_a.png",
+        "scene_b": folder / "scene_b.png",
+    }
+    revenue_chart().save(paths["chart"])
+    book_cover().save(paths["cover"])
+    scene(False).save(paths["scene_a"])
+    scene(True).save(paths["scene_b"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_toolbox(tiny_runner: Runner, sample_images: dict[str, Path]) -> Toolbox:
+    """The tools over the tiny runner; local paths are allowed under the sample images' folder."""
+    return Toolbox(tiny_runner, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
 
 
 @pytest.fixture(scope="session")

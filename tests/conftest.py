@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor, make_tiny_checkpoint
 from phi3v_tools.images import ImagePolicy
+from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor, make_tiny_checkpoint
 from phi3v_tools.runner import Runner
 from phi3v_tools.settings import Settings
 from phi3v_tools.tools import Toolbox

@@ -1,32 +1,360 @@
 """The ``phi3v-tools`` command.
 
-Options are bound to ``PHI3V_*`` environment variables here, once, and handed down as a Settings object.
+Options are bound to ``PHI3V_*`` environment variables here, once, and handed down as a Settings object. The
+tool commands (describe, read-text, compare, ask) wrap :class:`~phi3v_tools.tools.Toolbox` and nothing else:
+images are passed through as given and resolved by :mod:`phi3v_tools.images` under the allowed-directory policy.
+stdout carries only the answer; progress (the weight-loading bar, the live JSON) goes to stderr.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from phi3v_tools.errors import Phi3VToolsError
+from phi3v_tools.model.checkpoint import DEFAULT_MODEL_ID
 from phi3v_tools.settings import Settings
 
+if TYPE_CHECKING:
+    from phi3v_tools.images import ImageRef
+    from phi3v_tools.tools import Answer, Detail, ImageComparison, ImageDescription, TextReading, Toolbox
+
+    Result = ImageDescription | TextReading | ImageComparison | Answer
+
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="phi3v-tools")
 def main() -> None:
-    """Phi-3-vision as tools for agents.
+    """Phi-3-vision as tools for agents: describe images, read their text, compare them, ask about them.
 
     \b
     Examples:
-      phi3v-tools demo                              # offline, tiny random model
-      PHI3V_MODEL=microsoft/Phi-3-vision-128k-instruct phi3v-tools demo
-      phi3v-tools make-tiny-checkpoint ./tiny       # a test checkpoint in the official layout
+      phi3v-tools describe chart.png -q "Could you please introduce this stock to me?"
+      phi3v-tools read-text cover.png --fields title,author --json
+      phi3v-tools compare before.png after.png
+      curl -s https://example.com/photo.jpg | phi3v-tools ask - -q "How many people are there?"
+      phi3v-tools ask receipt.png -q "List the items" --schema items.json
+      PHI3V_MODEL=./tiny phi3v-tools describe chart.png --detail brief
+      phi3v-tools info --json                        # load the model: device, dtype, cache
+      phi3v-tools mcp --transport http --port 8765   # serve the tools over MCP
+      phi3v-tools demo                               # offline, tiny random model
+      phi3v-tools make-tiny-checkpoint ./tiny        # a test checkpoint in the official layout
+
+    \b
+    Images are paths, http(s) URLs, data: URIs, base64, or - for stdin. Local files are
+    read only under --allow-dir (default: the working directory). Each model option also
+    reads its PHI3V_* variable (PHI3V_MODEL, PHI3V_DEVICE, PHI3V_ALLOWED_DIRS, ...).
+    stdout holds only the answer (with --json, only the JSON); progress goes to stderr.
     """
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options and settings: the one place where PHI3V_* variables meet the command line
+
+_MODEL_OPTIONS = (
+    click.option(
+        "-m",
+        "--model",
+        envvar="PHI3V_MODEL",
+        show_envvar=True,
+        help=f"Checkpoint directory, hub id, or 'tiny' (a random test model). [default: {DEFAULT_MODEL_ID}]",
+    ),
+    click.option(
+        "--device", envvar="PHI3V_DEVICE", show_envvar=True, help="cuda, cuda:1, cpu. [default: CUDA if present]"
+    ),
+    click.option(
+        "--num-crops",
+        envvar="PHI3V_NUM_CROPS",
+        show_envvar=True,
+        type=click.IntRange(1, 16),
+        help="Crops per image. [default: the checkpoint's]",
+    ),
+)
+_IMAGE_OPTIONS = (
+    click.option(
+        "--allow-dir",
+        "allowed_dirs",
+        multiple=True,
+        envvar="PHI3V_ALLOWED_DIRS",
+        show_envvar=True,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Read local images only under DIR; repeatable. [default: the working directory]",
+    ),
+    click.option(
+        "--urls/--no-urls",
+        "allow_urls",
+        default=None,
+        envvar="PHI3V_ALLOW_URLS",
+        show_envvar=True,
+        help="Fetch http(s) image URLs (public addresses only). [default: on]",
+    ),
+)
+_JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (the result model).")
+
+
+def _apply(*options: Callable[[F], F]) -> Callable[[F], F]:
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+model_options = _apply(*_MODEL_OPTIONS)
+tool_options = _apply(*_MODEL_OPTIONS, *_IMAGE_OPTIONS, _JSON_OPTION)
+
+
+def build_settings(**options: Any) -> Settings:
+    """Settings from the PHI3V_* variables with the given options on top (None or () leaves a setting alone)."""
+    if "allowed_dirs" in options:
+        options["allowed_dirs"] = tuple(options["allowed_dirs"] or ()) or None
+    try:
+        return Settings.from_env(**options)
+    except ValueError as exc:  # a malformed PHI3V_* variable
+        raise click.ClickException(str(exc)) from exc
+
+
+class ImageType(click.ParamType):
+    """An image argument: passed on as given, except ``-``, which becomes the bytes read from stdin.
+
+    Reading and checking the image is left to :mod:`phi3v_tools.images` (through the toolbox), so paths obey
+    the allowed directories and URLs the URL policy.
+    """
+
+    name = "image"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | bytes:
+        if isinstance(value, bytes) or value != "-":
+            return value if isinstance(value, bytes) else str(value)
+        meta = ctx.meta if ctx is not None else {}
+        if meta.get("phi3v_tools.stdin_read"):
+            self.fail("'-' (stdin) can be given only once", param, ctx)
+        with click.open_file("-", "rb") as stdin:
+            if stdin.isatty():
+                self.fail("'-' reads an image from stdin, but stdin is a terminal: pipe an image in", param, ctx)
+            meta["phi3v_tools.stdin_read"] = True
+            data = stdin.read()
+        if not data:
+            self.fail("no image data on stdin", param, ctx)
+        return data
+
+
+IMAGE = ImageType()
+
+
+def _split_fields(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _load_schema(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {value!r}: {exc.strerror or exc}") from exc
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise click.BadParameter("a JSON schema must be a JSON object")
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a tool
+
+
+def is_terminal() -> bool:
+    """Whether stdout is a terminal (then answers stream live); a function so that tests can pretend."""
+    return sys.stdout.isatty()
+
+
+class LiveText:
+    """Prints an answer's pieces as they are generated (called from the runner's thread).
+
+    Free text goes to stdout, where it is the answer. The structured tools generate JSON, which is progress
+    rather than the answer: it goes to stderr, dimmed, and the readable result follows on stdout.
+    """
+
+    def __init__(self, to_stdout: bool) -> None:
+        self.to_stdout = to_stdout
+        self.started = False
+        self._held = ""  # trailing whitespace, shown only when more text follows: the answer is stripped
+
+    def __call__(self, piece: str) -> None:
+        text = self._held + piece if self.started else piece.lstrip()
+        shown = text.rstrip()
+        self._held = text[len(shown) :]
+        if shown:
+            self.started = True
+            if self.to_stdout:
+                click.echo(shown, nl=False)
+            else:
+                click.echo(click.style(shown, dim=True), nl=False, err=True)
+
+    def end(self) -> None:
+        if self.started:
+            click.echo(err=not self.to_stdout)
+
+
+def run_tool(
+    options: dict[str, Any],
+    call: Callable[[Toolbox, LiveText | None], Awaitable[Result]],
+    *,
+    free_text: bool = False,
+) -> None:
+    """Build the settings and toolbox, run one tool call, print its result (or raise a ClickException)."""
+    from phi3v_tools.api import toolbox_from_settings
+
+    as_json = options.pop("as_json")
+    toolbox = toolbox_from_settings(build_settings(**options))
+    live = LiveText(to_stdout=free_text) if not as_json and is_terminal() else None
+
+    async def call_once() -> Result:
+        return await call(toolbox, live)
+
+    try:
+        result = asyncio.run(call_once())
+    except Phi3VToolsError as exc:
+        if live is not None:
+            live.end()
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+        return
+    if live is not None:
+        live.end()
+        if live.to_stdout and live.started:
+            return  # the answer is already on stdout
+    click.echo(result.to_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tools
+
+
+@main.command()
+@click.argument("image", type=IMAGE)
+@click.option("-q", "--question", help="Focus the description on this question.")
+@click.option("--detail", type=click.Choice(["brief", "normal", "detailed"]), default="normal", show_default=True)
+@tool_options
+def describe(image: ImageRef, question: str | None, detail: Detail, **options: Any) -> None:
+    """Describe IMAGE: what it shows, its kind, its main objects and any visible text."""
+    run_tool(options, lambda tools, live: tools.adescribe_image(image, question, detail, on_text=live))
+
+
+@main.command("read-text")
+@click.argument("image", type=IMAGE)
+@click.option(
+    "--fields", metavar="NAME,NAME", callback=_split_fields, help="Also extract these fields, e.g. title,author."
+)
+@tool_options
+def read_text(image: ImageRef, fields: list[str] | None, **options: Any) -> None:
+    """Read the text in IMAGE (OCR), in reading order; with --fields, those values too."""
+    run_tool(options, lambda tools, live: tools.aread_text(image, fields, on_text=live))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=IMAGE, metavar="IMAGE IMAGE...")
+@click.option("-q", "--question", help="What to compare, e.g. 'Which one is newer?'.")
+@tool_options
+def compare(images: tuple[ImageRef, ...], question: str | None, **options: Any) -> None:
+    """Compare 2 to 4 images: a summary, their similarities and their differences."""
+    run_tool(options, lambda tools, live: tools.acompare_images(list(images), question, on_text=live))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=IMAGE, metavar="IMAGE...")
+@click.option("-q", "--question", required=True, help="The question about the images.")
+@click.option(
+    "--schema",
+    callback=_load_schema,
+    metavar="FILE.json",
+    help="A JSON schema (a file, or inline JSON) the answer must conform to.",
+)
+@tool_options
+def ask(images: tuple[ImageRef, ...], question: str, schema: dict[str, Any] | None, **options: Any) -> None:
+    """Ask any question about 1 to 4 images; with --schema the answer is JSON that conforms to it."""
+    run_tool(
+        options,
+        lambda tools, live: tools.aask_images(list(images), question, schema, on_text=live),
+        free_text=schema is None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model and the server
+
+
+@main.command()
+@model_options
+@_JSON_OPTION
+def info(as_json: bool, **options: Any) -> None:
+    """Load the model and show how it runs: device, dtype, attention, num_crops, feature cache."""
+    from phi3v_tools.runner import get_runner
+
+    try:
+        details = get_runner(build_settings(**options)).info()
+    except Phi3VToolsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(details, indent=2))
+        return
+    for key, value in details.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True)
+@click.option(
+    "--host", "mcp_host", envvar="PHI3V_MCP_HOST", show_envvar=True, help="HTTP: address to bind. [default: 127.0.0.1]"
+)
+@click.option(
+    "--port",
+    "mcp_port",
+    envvar="PHI3V_MCP_PORT",
+    show_envvar=True,
+    type=click.IntRange(1, 65535),
+    help="HTTP: port. [default: 8765]",
+)
+@model_options
+@_apply(*_IMAGE_OPTIONS)
+def mcp(transport: str, **options: Any) -> None:
+    """Serve the tools over MCP: stdio (for desktop clients) or streamable HTTP."""
+    settings = build_settings(**options)
+    try:
+        from phi3v_mcp.server import run
+    except Phi3VToolsError as exc:  # e.g. OptionalDependencyError, with the install command
+        raise click.ClickException(str(exc)) from exc
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            f"the MCP server cannot start ({exc}); install it with: pip install 'phi3v-tools[mcp]'"
+        ) from exc
+    try:
+        run(settings, transport)
+    except (Phi3VToolsError, OSError) as exc:  # the model not found, the port in use, ...
+        raise click.ClickException(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The seed demo and the tiny checkpoint
 
 
 @main.command()
@@ -101,3 +429,7 @@ def make_tiny_checkpoint_command(directory: Path, seed: int, num_crops: int) -> 
 
     path = make_tiny_checkpoint(directory, seed=seed, num_crops=num_crops)
     click.echo(f"wrote a tiny Phi-3-vision checkpoint to {path}")
+
+
+if __name__ == "__main__":
+    main()

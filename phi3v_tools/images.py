@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import http.client
 import io
 import ipaddress
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import warnings
@@ -31,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from PIL import Image
@@ -57,6 +59,9 @@ _DENIED_NETWORKS = tuple(
         "fd00:ec2::254/128",  # AWS metadata over IPv6
         "::ffff:0:0/96",  # IPv4-mapped IPv6: checked through the mapped address instead
         "64:ff9b::/96",  # NAT64
+        "2002::/16",  # 6to4, which embeds an IPv4 address
+        "2001::/32",  # Teredo, likewise
+        "::/96",  # IPv4-compatible (deprecated)
     )
 )
 
@@ -180,9 +185,16 @@ def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None) -> Loa
         return _from_path(unquote(parts.path), policy)
     if scheme:
         raise ImageError(f"URL scheme {scheme!r} is not supported; use http(s)://, file://, data: or a path")
-    if len(ref) > 256 and _BASE64.match(ref[:1024]):
+    if len(ref) > 256 and _BASE64.match(ref[:1024]) and not _exists(ref):
         return _from_base64(ref, "base64 data", policy)
     return _from_path(ref, policy)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
 
 
 def _from_data_uri(ref: str, policy: ImagePolicy) -> LoadedImage:
@@ -194,10 +206,11 @@ def _from_data_uri(ref: str, policy: ImagePolicy) -> LoadedImage:
 
 def _from_base64(text: str, source: str, policy: ImagePolicy) -> LoadedImage:
     if len(text) > policy.max_bytes * 4 // 3 + 4096:
-        raise ImageError(f"{source} is larger than the {policy.max_bytes // 2**20} MiB image limit")
+        raise ImageError(f"{source} is larger than the {_mib(policy.max_bytes)} image limit")
     compact = re.sub(r"\s+", "", text)
     try:
-        data = base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=b"-_" if "-" in compact else None)
+        urlsafe = "-" in compact or "_" in compact
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=b"-_" if urlsafe else None, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError(f"{source} is not valid base64 ({exc})") from exc
     return decode_bytes(data, source, policy)
@@ -205,23 +218,32 @@ def _from_base64(text: str, source: str, policy: ImagePolicy) -> LoadedImage:
 
 def _from_path(path: str, policy: ImagePolicy) -> LoadedImage:
     try:
-        resolved = Path(path).expanduser().resolve(strict=True)
-    except (OSError, RuntimeError) as exc:
-        raise ImageError(f"no image file at {path!r} ({type(exc).__name__})") from exc
+        # Resolve symlinks and ".." first and check the directory before looking at the file, so paths
+        # outside the allowed directories cannot be probed for existence.
+        resolved = Path(path).expanduser().resolve(strict=False)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ImageError(f"{path!r} is not a usable path ({type(exc).__name__})") from exc
     if not any(resolved.is_relative_to(d) for d in policy.allowed_dirs):
         allowed = ", ".join(str(d) for d in policy.allowed_dirs) or "none"
         raise ImageError(
             f"{path!r} is outside the allowed directories ({allowed}); allow more with PHI3V_ALLOWED_DIRS or "
             "--allow-dir, or send the image as a URL or base64"
         )
-    if not resolved.is_file():
-        raise ImageError(f"{path!r} is not a regular file")
-    size = resolved.stat().st_size
-    if size > policy.max_bytes:
-        raise ImageError(f"{path!r} has {size} bytes; the limit is {policy.max_bytes}")
-    with open(resolved, "rb") as f:
-        data = f.read(policy.max_bytes + 1)
-    return decode_bytes(data, f"file {path}", policy)
+    try:
+        if not resolved.exists():
+            raise ImageError(f"no image file at {path!r}")
+        if not resolved.is_file():
+            raise ImageError(f"{path!r} is not a regular file")
+        size = resolved.stat().st_size
+        if size > policy.max_bytes:
+            raise ImageError(f"{path!r} has {size} bytes; the limit is {policy.max_bytes}")
+        with open(resolved, "rb") as f:
+            data = f.read(policy.max_bytes + 1)
+    except ImageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read {path!r} ({type(exc).__name__})") from exc
+    return decode_bytes(data, f"file {path!r}", policy)
 
 
 def decode_bytes(data: bytes, source: str, policy: ImagePolicy) -> LoadedImage:
@@ -233,12 +255,7 @@ def decode_bytes(data: bytes, source: str, policy: ImagePolicy) -> LoadedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image_format = image.format or "unknown"
-            if image_format not in ALLOWED_FORMATS:
-                raise ImageError(
-                    f"{source} is a {image_format} file; allowed formats: {', '.join(sorted(ALLOWED_FORMATS))}"
-                )
+            image = Image.open(io.BytesIO(data), formats=_decoders())  # no other decoder is tried
             _check_pixels(image.width, image.height, source, policy)
             image.seek(0)  # animations: the first frame
             image.load()
@@ -247,10 +264,51 @@ def decode_bytes(data: bytes, source: str, policy: ImagePolicy) -> LoadedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{source} decodes to too many pixels (a decompression bomb?): {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        kind = _sniff(data)
+        detail = f"it is {'an' if kind and kind[0] in 'AEHIOSU' else 'a'} {kind} file" if kind else _reason(exc)
         raise ImageError(
-            f"{source} is not a readable image ({exc}); send a PNG, JPEG, GIF, WebP, BMP or TIFF file"
+            f"{source} is not a readable image ({detail}); allowed formats: {', '.join(sorted(ALLOWED_FORMATS))} "
+            "(send a PNG, JPEG, GIF, WebP, BMP or TIFF file)"
         ) from exc
     return _finish(image, source, policy)
+
+
+_SIGNATURES = (
+    (b"%PDF", "PDF"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"\x1f\x8b", "gzip"),
+    (b"PK\x03\x04", "ZIP"),
+)
+
+
+def _sniff(data: bytes) -> str | None:
+    """A name for common non-image or disallowed formats, from their first bytes (for the message only)."""
+    head = data[:512].lstrip()
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if re.match(rb"P[1-7]\s", head[:3]):
+        return "PPM"
+    lowered = head.lower()
+    if lowered.startswith((b"<svg", b"<?xml")) and b"<svg" in lowered:
+        return "SVG"
+    if lowered.startswith((b"<!doctype html", b"<html")):
+        return "HTML"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return "not an image file" if text.startswith("cannot identify image file") else text
+
+
+def _decoders() -> list[str]:
+    """The Pillow decoders of the allowed formats that this Pillow has (MPO is read by the JPEG one)."""
+    Image.init()
+    return [f for f in sorted(ALLOWED_FORMATS) if f in Image.OPEN]
 
 
 def _check_pixels(width: int, height: int, source: str, policy: ImagePolicy) -> None:
@@ -278,12 +336,13 @@ def check_address(address: str) -> str | None:
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return f"{ip} is a loopback address"
     for network in _DENIED_NETWORKS:
         if ip.version == network.version and ip in network:
             return f"{ip} is in the special-purpose network {network}"
-    if not ip.is_global or ip.is_multicast:
-        kind = "loopback" if ip.is_loopback else "private" if ip.is_private else "non-public"
-        return f"{ip} is a {kind} address"
+    if ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_unspecified or not ip.is_global:
+        return f"{ip} is a private or special-purpose address"
     return None
 
 
@@ -311,91 +370,100 @@ def _pinned_addresses(host: str, port: int, policy: ImagePolicy) -> list[str]:
 
 
 def fetch_url(url: str, policy: ImagePolicy) -> LoadedImage:
-    """GET an image over http(s) under the policy (address checks on every hop, byte cap, deadline)."""
+    """GET an image over http(s) under the policy (address checks on every hop, byte cap, hard deadline)."""
     if not policy.allow_urls:
         raise ImageError("fetching URLs is turned off here; send the image as base64 or a data: URI")
-    try:
-        import requests
-    except ImportError as exc:  # pragma: no cover - a core dependency
-        raise ImageError("fetching URLs needs the 'requests' package") from exc
     deadline = time.monotonic() + policy.url_timeout_s
-    session = requests.Session()
-    session.trust_env = False  # no proxies or .netrc from the environment
     current = url
-    try:
-        for _hop in range(policy.max_redirects + 1):
-            response = _get_pinned(session, current, policy, deadline)
-            if response.is_redirect or response.status_code in (301, 302, 303, 307, 308):
-                location = response.headers.get("Location")
-                response.close()
-                if not location:
-                    raise ImageError(f"{_short(current)} redirected without a Location")
-                current = urljoin(current, location)
-                continue
-            if response.status_code != 200:
-                response.close()
-                raise ImageError(f"{_short(current)} answered HTTP {response.status_code}")
-            data = _read_capped(response, policy, deadline, current)
-            return decode_bytes(data, f"URL {_short(url)}", policy)
-        raise ImageError(f"{_short(url)} redirected more than {policy.max_redirects} times")
-    except requests.RequestException as exc:
-        raise ImageError(f"could not fetch {_short(current)}: {type(exc).__name__}") from exc
-    finally:
-        session.close()
+    for _hop in range(policy.max_redirects + 1):
+        status, location, data = _get(current, policy, deadline)
+        if status in (301, 302, 303, 307, 308):
+            if not location:
+                raise ImageError(f"{_short(current)} redirected without a Location")
+            current = urljoin(current, location)
+            continue
+        if status != 200:
+            raise ImageError(f"{_short(current)} answered HTTP {status}")
+        return decode_bytes(data, f"URL {_short(url)}", policy)
+    raise ImageError(f"{_short(url)} redirected more than {policy.max_redirects} times")
 
 
-def _get_pinned(session: Any, url: str, policy: ImagePolicy, deadline: float) -> Any:
-    """A GET to the checked address of ``url``'s host, keeping the host name for Host and TLS."""
-    from requests.adapters import HTTPAdapter
+def _get(url: str, policy: ImagePolicy, deadline: float) -> tuple[int, str | None, bytes]:
+    """One GET to the checked address of ``url``'s host: (status, Location, body capped at max_bytes).
 
+    The socket is ours: it is connected to the pinned address (TLS still verifies the host name), proxies
+    are never used, and a timer shuts it down at the deadline, however slowly the server trickles.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise ImageError(f"a redirect led to {scheme!r}; only http(s) URLs may be fetched")
+    if parts.username or parts.password:
+        raise ImageError("URLs with credentials are not fetched")
     host = parts.hostname or ""
     if not host:
         raise ImageError(f"{_short(url)} has no host")
-    if parts.username or parts.password:
-        raise ImageError("URLs with credentials are not fetched")
-    port = parts.port or (443 if scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError as exc:
+        raise ImageError(f"{_short(url)} has an invalid port") from exc
     address = _pinned_addresses(host, port, policy)[0]
-    netloc = f"[{address}]" if ":" in address else address
-    pinned = parts._replace(netloc=f"{netloc}:{port}").geturl()
-
-    class _Pinned(HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            if scheme == "https":
-                kwargs["server_hostname"] = host
-                kwargs["assert_hostname"] = host
-            super().init_poolmanager(*args, **kwargs)
-
-    session.mount(f"{scheme}://", _Pinned(max_retries=0))
-    remaining = max(0.1, deadline - time.monotonic())
-    return session.get(
-        pinned,
-        headers={"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"},
-        stream=True,
-        allow_redirects=False,
-        timeout=(min(5.0, remaining), remaining),
-    )
-
-
-def _read_capped(response: Any, policy: ImagePolicy, deadline: float, url: str) -> bytes:
-    declared = response.headers.get("Content-Length")
-    if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
-        response.close()
-        raise ImageError(f"{_short(url)} is {declared} bytes; the limit is {policy.max_bytes}")
-    chunks, total = [], 0
-    for chunk in response.iter_content(chunk_size=65536):
-        total += len(chunk)
-        if total > policy.max_bytes:  # Content-Length may lie; count what arrives
-            response.close()
-            raise ImageError(f"{_short(url)} sent more than the {policy.max_bytes}-byte limit")
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ImageError(f"{_short(url)} took longer than {policy.url_timeout_s:.0f} s")
+    try:
+        sock = socket.create_connection((address, port), timeout=min(remaining, 10.0))
+    except OSError as exc:
+        raise ImageError(f"could not fetch {_short(url)}: no connection ({type(exc).__name__})") from exc
+    timer = threading.Timer(remaining, _shut, (sock,))
+    timer.start()
+    connection: http.client.HTTPConnection | None = None
+    response: http.client.HTTPResponse | None = None
+    try:
+        if scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        connection = http.client.HTTPConnection(host, port, timeout=remaining)
+        connection.sock = sock  # already connected (and pinned); http.client only speaks HTTP on it
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        connection.request("GET", target, headers={"Accept": "image/*", "User-Agent": "phi3v-tools"})
+        response = connection.getresponse()
+        if response.status in (301, 302, 303, 307, 308) or response.status != 200:
+            return response.status, response.getheader("Location"), b""
+        declared = response.getheader("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
+            raise ImageError(f"{_short(url)} is {declared} bytes; the limit is {policy.max_bytes}")
+        chunks, total = [], 0
+        while chunk := response.read1(65536):
+            total += len(chunk)
+            if total > policy.max_bytes:  # Content-Length may lie; count what arrives
+                raise ImageError(f"{_short(url)} sent more than the {policy.max_bytes}-byte limit")
+            chunks.append(chunk)
         if time.monotonic() > deadline:
-            response.close()
             raise ImageError(f"{_short(url)} took longer than {policy.url_timeout_s:.0f} s")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        return 200, None, b"".join(chunks)
+    except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline - 0.05:
+            raise ImageError(f"{_short(url)} took longer than {policy.url_timeout_s:.0f} s") from exc
+        raise ImageError(f"could not fetch {_short(url)} ({type(exc).__name__}: {exc})") from exc
+    finally:
+        timer.cancel()
+        if response is not None:
+            response.close()  # its file object holds a reference that keeps the socket open
+        if connection is not None:
+            connection.close()
+        sock.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake any read blocked on ``sock`` (the deadline passed)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
 
 
 def _short(url: str) -> str:

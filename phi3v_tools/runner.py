@@ -276,8 +276,12 @@ class Runner:
         """Queue a request; BusyError at once when the queue is full."""
         if self._closed.is_set():
             raise GenerationError("the runner is closed")
-        if request.max_new_tokens is None:
-            request = replace(request, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
+        cap = self.settings.max_new_tokens  # an upper bound: longer requests are shortened, not refused
+        wanted = request.max_new_tokens if request.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+        if wanted >= 1 and wanted != min(wanted, cap):
+            request = replace(request, max_new_tokens=cap)
+        elif request.max_new_tokens is None:
+            request = replace(request, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, cap))
         self._check_limits(request)
         timeout = request.timeout_s if request.timeout_s is not None else self.settings.request_timeout_s
         handle = RequestHandle(request, time.perf_counter() + timeout)
@@ -654,17 +658,13 @@ class TextStream:
 # ---------------------------------------------------------------------------------------------------------------------
 # One runner per model per process
 
-_RUNNERS: dict[tuple[Any, ...], Runner] = {}
+_RUNNERS: dict[Settings, Runner] = {}
 _RUNNERS_LOCK = threading.Lock()
-
-
-def _runner_key(settings: Settings) -> tuple[Any, ...]:
-    return (settings.model, settings.device, settings.dtype, settings.attn_implementation, str(settings.cache_dir))
 
 
 def get_runner(settings: Settings, *, progress: bool = True) -> Runner:
     """The process's runner for ``settings.model``: loaded on first use, then shared by every caller."""
-    key = _runner_key(settings)
+    key = settings  # frozen, hashable: any difference (num_crops, limits...) is another runner
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(key)
         if runner is None:

@@ -86,10 +86,11 @@ class TextReading(_WithMeta, _ReadAnswer):
     )
 
     def to_text(self) -> str:
+        text = self.text.strip() or "(no text found in the image)"
         if self.fields is None:
-            return self.text
+            return text
         found = "; ".join(f"{k}: {v if v is not None else '(not found)'}" for k, v in self.fields.items())
-        return f"{found}\n\n{self.text}"
+        return f"{found}\n\n{text}"
 
 
 class _CompareAnswer(_Answer):
@@ -102,7 +103,7 @@ class ImageComparison(_WithMeta, _CompareAnswer):
     """The result of compare_images."""
 
     def to_text(self) -> str:
-        parts = [self.summary]
+        parts = [self.summary.strip() or "(no summary)"]
         if self.similarities:
             parts.append("Similar: " + "; ".join(self.similarities))
         if self.differences:
@@ -175,7 +176,7 @@ class Toolbox:
             refs = [refs]
         if not least <= len(refs) <= most:
             wanted = f"{least}" if least == most else f"{least} to {most}"
-            raise PromptError(f"{len(refs)} images given; this tool takes {wanted}")
+            raise PromptError(f"{len(refs)} image{'' if len(refs) == 1 else 's'} given; this tool takes {wanted}")
         return load_images(refs, self.policy, self.store)
 
     def describe_request(
@@ -230,8 +231,9 @@ class Toolbox:
         output_schema: dict[str, Any] | type[BaseModel] | None = None,
         max_new_tokens: int = 500,
     ) -> tuple[GenerationRequest, list[LoadedImage], type[Answer]]:
-        if not question or not question.strip():
-            raise PromptError("ask_images needs a question")
+        question = _clean(question or "")
+        if not question:
+            raise PromptError("ask_images needs a question (image tags alone are not one)")
         images = self._images(images_in, 1, self.max_compare)
         schema = None
         if output_schema is not None:
@@ -339,7 +341,7 @@ class Toolbox:
         self, request: GenerationRequest, images: list[LoadedImage], cls: type[R], on_text: ProgressCallback | None
     ) -> R:
         request.on_text = on_text
-        backend = self.backend
+        backend = await asyncio.to_thread(lambda: self.backend)  # a first call may load the model: not on the loop
         return self.result(cls, images, await backend.generate(request))
 
 

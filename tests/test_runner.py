@@ -293,7 +293,8 @@ def test_limits_are_checked_when_submitting(own_runner: Any) -> None:
     with pytest.raises(PromptError, match="at most 2"):
         runner.submit(GenerationRequest.from_text("x", [picture(1)] * 3))
     with pytest.raises(PromptError, match="between 1 and 50"):
-        runner.submit(GenerationRequest.from_text("x", max_new_tokens=51))
+        runner.submit(GenerationRequest.from_text("x", max_new_tokens=0))
+    assert runner.submit(GenerationRequest.from_text("x", max_new_tokens=51)).max_new_tokens == 50  # capped
     with pytest.raises(PromptError, match="num_crops"):
         runner.submit(GenerationRequest.from_text("x", [picture(1)], num_crops=17))
     with pytest.raises(PromptError, match="1000-token limit"):  # 757 image tokens at num_crops 4, twice

@@ -146,7 +146,7 @@ async def test_a_chained_call_by_handle_reuses_the_image_and_hits_the_feature_ca
     [
         ("describe_image", {"image": "OUTSIDE"}, "outside the allowed directories"),
         ("read_text", {"image": "image://sha256/" + "0" * 64}, "unknown image handle"),
-        ("compare_images", {"images": ["CHART"]}, "1 images given; this tool takes 2 to 4"),
+        ("compare_images", {"images": ["CHART"]}, "given; this tool takes 2 to 4"),
         ("describe_image", {"image": "CHART", "detail": "verbose"}, "detail"),
     ],
     ids=["path-outside-allowed-dirs", "unknown-handle", "compare-one-image", "bad-detail"],

@@ -1,8 +1,9 @@
 """The seed notebook's three tasks, on pictures drawn here (the notebook's own pictures cannot be downloaded).
 
-A revenue bar chart ("introduce this stock"), a book cover (title and author), and two similar scenes
-(what differs). With the tiny random checkpoint the answers are random words: the point is that the whole
-path runs; set ``PHI3V_MODEL`` to the real checkpoint for real answers.
+A revenue bar chart ("introduce this stock"), a book cover (title and author), two similar scenes (what
+differs), and a scanned text page for OCR. All are drawn in this module with Pillow's default font. With the
+tiny random checkpoint the answers are random words: the point is that the whole path runs; set
+``PHI3V_MODEL`` to the real checkpoint for real answers.
 """
 
 from __future__ import annotations
@@ -50,6 +51,31 @@ def scene(with_ball: bool) -> Image.Image:
     if with_ball:
         draw.ellipse((300, 300, 324, 324), fill="white", outline="black")
     return img
+
+
+TEXT_PAGE = (
+    "Chapter 1. The Harbour",
+    "",
+    "The fishing boats came in before dawn, as they",
+    "always did, their lamps swinging over the grey",
+    "water. Ada counted them from the sea wall: seven,",
+    "then eight, then the late one with the red sail.",
+    "",
+    "By noon the market smelled of salt and tar, and",
+    "the gulls had found every open crate.",
+)
+
+
+def text_page() -> Image.Image:
+    """A "scanned" page of printed text (600 x 800): off-white paper, a slight tilt, a little noise."""
+    page = Image.new("L", (600, 800), 242)
+    draw = ImageDraw.Draw(page)
+    for i, line in enumerate(TEXT_PAGE):
+        draw.text((60, 80 + i * 28), line, fill=30)
+    draw.text((290, 740), "- 1 -", fill=60)
+    noise = Image.effect_noise((600, 800), 12).point(lambda v: v // 16)
+    scanned = Image.eval(Image.blend(page, noise, 0.08), lambda v: v)
+    return scanned.rotate(0.8, resample=Image.Resampling.BICUBIC, fillcolor=242).convert("RGB")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,17 @@ def test_the_three_seed_calls_run_as_written(tiny_dir: Path) -> None:
         assert isinstance(response, str) and response.strip()  # random words, but words
 
 
+def test_the_scanned_page_is_a_light_page_with_dark_text_lines() -> None:
+    from phi3v_tools.demo import TEXT_PAGE, text_page
+
+    page = text_page().convert("L")
+    assert page.size == (600, 800)
+    rows = [sum(page.getpixel((x, y)) < 128 for x in range(0, 600, 2)) for y in range(800)]
+    inked = sum(1 for r in rows if r > 0)
+    assert 0 < inked < 400  # text lines, mostly blank paper
+    assert len([line for line in TEXT_PAGE if line]) == 7
+
+
 def test_the_demo_tasks_match_their_pictures() -> None:
     assert [len(task.images()) for task in SEED_TASKS] == [1, 1, 2]
     assert SEED_TASKS[2].user_content.startswith("<|image_1|>\n<|image_2|>\n")

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -73,7 +72,7 @@ async def time_async(call: Callable[[], Awaitable[Any]], calls: int) -> float:
 async def mcp_figures(folder: Path, image: str, calls: int) -> dict[str, float]:
     import uvicorn
     from mcp import Client, StdioServerParameters
-    from phi3v_mcp.server import create_server, http_app
+    from phi3v_mcp.server import create_server, http_app, listening_socket
 
     args = {"image": image, "detail": "brief"}
     settings = Settings(model="fake", allowed_dirs=(folder,))
@@ -89,8 +88,7 @@ async def mcp_figures(folder: Path, image: str, calls: int) -> dict[str, float]:
     async with Client(params, read_timeout_seconds=60) as client:
         out["mcp_stdio"] = await time_async(lambda: client.call_tool("describe_image", args), calls)
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = listening_socket("127.0.0.1", 0)  # as `phi3v-tools mcp --transport http` binds it
     port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(http_app(create_server(settings, fake_toolbox(folder)), settings), log_level="warning")

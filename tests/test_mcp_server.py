@@ -21,7 +21,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, TextContent
-from phi3v_mcp.server import create_server, http_app
+from phi3v_mcp.server import create_server, http_app, listening_socket
 from pydantic import BaseModel
 
 from phi3v_tools.runner import Runner
@@ -292,8 +292,7 @@ def http_server(settings: Settings, toolbox: Toolbox) -> Iterator[str]:
     """The server's HTTP app under uvicorn in a thread, on a free loopback port; yields the /mcp URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = listening_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         http_app(create_server(settings, toolbox), settings), lifespan="on", log_level="warning", ws="none"
@@ -489,3 +488,16 @@ def test_the_client_configs_start_phi3v_tools_mcp_with_a_model_and_allowed_dirs(
     assert entry.get("type", "stdio") == "stdio"
     readme = (REPO / "servers" / "README.md").read_text()
     assert text.strip() in readme  # the README shows the same file
+
+
+def test_http_connections_send_small_writes_at_once() -> None:
+    """TCP_NODELAY on the listening socket reaches accepted connections (without it: ~44 ms per request)."""
+    listener = listening_socket("127.0.0.1", 0)
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    accepted, _ = listener.accept()
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for sock in (accepted, client, listener):
+            sock.close()

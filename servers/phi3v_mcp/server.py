@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -436,11 +437,28 @@ def _run_http(server: MCPServer[AppContext], settings: Settings) -> None:
         MCP_PATH,
         " (bearer token required)" if settings.mcp_token else "",
     )
-    uvicorn.run(
-        http_app(server, settings),
-        host=settings.mcp_host,
-        port=settings.mcp_port,
-        lifespan="on",
-        log_level="info",
-        server_header=False,
-    )
+    config = uvicorn.Config(http_app(server, settings), lifespan="on", log_level="info", server_header=False)
+    sock = listening_socket(settings.mcp_host, settings.mcp_port)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket whose connections send small writes at once (TCP_NODELAY).
+
+    Without it, the response's separate header and body writes wait for the client's delayed ACK: about
+    44 ms per request on loopback (measured: 44 ms -> 1.7 ms per POST; benchmarks/surfaces_cpu.py).
+    Accepted connections inherit the option from the listening socket.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

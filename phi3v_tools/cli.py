@@ -379,19 +379,10 @@ def demo(model: str, device: str | None, num_crops: int | None, max_new_tokens: 
 
 def run_demo(settings: Settings, max_new_tokens: int) -> None:
     from phi3v_tools.demo import SEED_TASKS
-    from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
+    from phi3v_tools.runner import load_pretrained
 
     started = time.perf_counter()
-    processor = Phi3VProcessor.from_pretrained(
-        settings.model, num_crops=settings.num_crops, cache_dir=settings.cache_dir
-    )
-    model = Phi3VForCausalLM.from_pretrained(
-        settings.model,
-        device_map=settings.device,
-        dtype=settings.dtype,
-        cache_dir=settings.cache_dir,
-        attn_implementation=settings.attn_implementation,
-    )
+    model, processor = load_pretrained(settings)
     click.echo(
         f"model {settings.model} on {model.device} ({str(model.dtype).removeprefix('torch.')}, "
         f"{model.attn_implementation}), num_crops {processor.num_crops}, loaded in {time.perf_counter() - started:.1f}s"

@@ -200,6 +200,22 @@ def _with_image_tags(messages: list[dict[str, str]], n_images: int) -> list[dict
 # The runner
 
 
+def load_pretrained(settings: Settings, *, progress: bool = False) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
+    """The model and processor that ``settings`` name (model, device, dtype, attention, num_crops)."""
+    processor = Phi3VProcessor.from_pretrained(
+        settings.model, num_crops=settings.num_crops, cache_dir=settings.cache_dir
+    )
+    model = Phi3VForCausalLM.from_pretrained(
+        settings.model,
+        device_map=settings.device,
+        dtype=settings.dtype,
+        attn_implementation=settings.attn_implementation,
+        cache_dir=settings.cache_dir,
+        progress=progress,
+    )
+    return model, processor
+
+
 class Runner:
     """Owns one loaded model and serves generation requests from a worker thread."""
 
@@ -230,17 +246,7 @@ class Runner:
 
         ``warm_up`` prepares the grammar engine on a background thread, so the first JSON request is not slow.
         """
-        processor = Phi3VProcessor.from_pretrained(
-            settings.model, num_crops=settings.num_crops, cache_dir=settings.cache_dir
-        )
-        model = Phi3VForCausalLM.from_pretrained(
-            settings.model,
-            device_map=settings.device,
-            dtype=settings.dtype,
-            attn_implementation=settings.attn_implementation,
-            cache_dir=settings.cache_dir,
-            progress=progress,
-        )
+        model, processor = load_pretrained(settings, progress=progress)
         runner = cls(model, processor, settings)
         if warm_up:
             threading.Thread(target=runner.grammars.warm_up, name="phi3v-grammar-warm-up", daemon=True).start()

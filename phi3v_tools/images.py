@@ -263,7 +263,7 @@ def decode_bytes(data: bytes, source: str, policy: ImagePolicy) -> LoadedImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{source} decodes to too many pixels (a decompression bomb?): {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # any decoder failure on untrusted bytes (struct.error, KeyError... included)
         kind = _sniff(data)
         detail = f"it is {'an' if kind and kind[0] in 'AEHIOSU' else 'a'} {kind} file" if kind else _reason(exc)
         raise ImageError(

@@ -112,7 +112,9 @@ def to_rgb(image: Image.Image, *, exif_transpose: bool = True) -> Image.Image:
         elif image.mode == "P":
             image = image.convert("RGBA")  # palette transparency, quietly; alpha is dropped next
         return image if image.mode == "RGB" else image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated data surfaces on first pixel access
+    except ImageError:
+        raise
+    except Exception as exc:  # truncated or hostile data surfaces on first pixel access, as any decoder error
         raise ImageError(f"could not decode the image ({image.mode} {image.size}): {exc}") from exc
 
 

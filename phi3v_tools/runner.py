@@ -413,26 +413,25 @@ class Runner:
         digests = list(request.image_digests or [image_digest(image) for image in request.images])
         if len(digests) != len(request.images):
             raise PromptError("image_digests must have one entry per image")
-        entries: list[CachedFeatures | None] = []
         keys = [FeatureCache.key(d, num_crops, self.model_id) for d in digests]
         entries = [self.feature_cache.get(key) for key in keys]
         cached = sum(e is not None for e in entries)
         missing = [i for i, e in enumerate(entries) if e is None]
-        pixels, grids = [], []
+        pixels, sizes = [], []
         for i in missing:
             crops, hd_h, hd_w = preprocess_image(request.images[i], num_crops)
             pixels.append(crops)
-            grids.append((hd_h // CROP_SIZE, hd_w // CROP_SIZE))
+            sizes.append((hd_h, hd_w))
         preprocess_s = time.perf_counter() - started
         vision_s = 0.0
         if missing:
             started = time.perf_counter()
-            sizes = torch.tensor([(h * CROP_SIZE, w * CROP_SIZE) for h, w in grids])
             with torch.inference_mode():
-                features = self.model.get_image_features(torch.stack(pixels), sizes)
-            for i, grid, feature in zip(missing, grids, features, strict=True):
-                entries[i] = CachedFeatures(feature, grid)
-                self.feature_cache.put(keys[i], entries[i])  # type: ignore[arg-type]
+                features = self.model.get_image_features(torch.stack(pixels), torch.tensor(sizes))
+            for i, (hd_h, hd_w), feature in zip(missing, sizes, features, strict=True):
+                entry = CachedFeatures(feature, (hd_h // CROP_SIZE, hd_w // CROP_SIZE))
+                self.feature_cache.put(keys[i], entry)
+                entries[i] = entry
             vision_s = time.perf_counter() - started
         ready = [e for e in entries if e is not None]
         messages = _with_image_tags(request.messages, len(request.images))

@@ -11,6 +11,7 @@ place, and anything the model needs but the checkpoint lacks, is an error that n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -308,36 +309,45 @@ def load_weights(
     model: Phi3VForCausalLM, files: list[Path], device: torch.device, dtype: torch.dtype, *, progress: bool = False
 ) -> None:
     """Read every tensor of ``files`` into ``model`` (built on meta) by the name table; strict."""
-    handles = []
-    names: dict[str, Path] = {}
-    for file in files:
-        try:
-            handle = safe_open(os.fspath(file), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"cannot read {file}: {exc}") from exc
-        handles.append(handle)
-        for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-            names[name] = file
-    mapping, _skipped, unexpected, missing = plan_loading(sorted(names), model)
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}  # checkpoint name -> the open file holding it
+        for file in files:
+            try:
+                handle = stack.enter_context(safe_open(os.fspath(file), framework="pt", device="cpu"))
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read {file}: {exc}") from exc
+            handles.update(dict.fromkeys(handle.keys(), handle))
+        _load_state(model, handles, files[0].parent, device, dtype, progress)
+
+
+def _load_state(
+    model: Phi3VForCausalLM,
+    handles: dict[str, Any],
+    directory: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+) -> None:
+    """Check the names against the model, then load each tensor (converted) by the name table."""
+    mapping, _skipped, unexpected, missing = plan_loading(sorted(handles), model)
     if unexpected or missing:
         parts = []
         if missing:
             parts.append(f"missing from the checkpoint: {_listing(missing)}")
         if unexpected:
             parts.append(f"not used by Phi-3-vision: {_listing(unexpected)}")
-        raise CheckpointError(f"the weights in {files[0].parent} do not match the model; " + "; ".join(parts))
+        raise CheckpointError(f"the weights in {directory} do not match the model; " + "; ".join(parts))
 
     params = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
-    by_file = {os.fspath(f): h for f, h in zip(files, handles, strict=True)}
     for name, target in tqdm(mapping.items(), desc="loading weights", unit="tensor", disable=not progress):
-        tensor = by_file[os.fspath(names[name])].get_tensor(name)
+        tensor = handles[name].get_tensor(name)
         expected_shape = tuple(params[target].shape)
         if tuple(tensor.shape) != expected_shape:
             raise CheckpointError(f"{name} has shape {tuple(tensor.shape)} but the config implies {expected_shape}")
         state[target] = tensor.to(device=device, dtype=dtype)
-    if EMBEDDING_ALIAS in names:
-        alias = by_file[os.fspath(names[EMBEDDING_ALIAS])].get_tensor(EMBEDDING_ALIAS).to(device=device, dtype=dtype)
+    if EMBEDDING_ALIAS in handles:
+        alias = handles[EMBEDDING_ALIAS].get_tensor(EMBEDDING_ALIAS).to(device=device, dtype=dtype)
         if not torch.equal(alias, state["language_model.model.embed_tokens.weight"]):
             raise CheckpointError(f"{EMBEDDING_ALIAS} differs from model.embed_tokens.weight; refusing to guess")
     model.load_state_dict(state, strict=False, assign=True)

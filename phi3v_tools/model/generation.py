@@ -189,12 +189,12 @@ def generate(
     decoder = BatchDecoder(model, model.embed(input_ids, pixel_values, image_sizes, image_features), mask)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    last = torch.empty(batch, 0, dtype=torch.long, device=device)  # the final token, never fed back
     for step in range(max_new_tokens):
         token = next_tokens(decoder.logits, do_sample, temperature, top_k, top_p)
         token = torch.where(finished, torch.full_like(token, pad), token)
-        generated = torch.cat([generated, token[:, None]], dim=1)
+        last = token[:, None]
         if streamer is not None:
             streamer.put(token.cpu())
         finished |= torch.isin(token, stops)
@@ -203,4 +203,4 @@ def generate(
         decoder.step(token)
     if streamer is not None:
         streamer.end()
-    return torch.cat([input_ids, generated], dim=1)
+    return torch.cat([input_ids, decoder.generated, last], dim=1)

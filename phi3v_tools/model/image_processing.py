@@ -32,6 +32,7 @@ TOKENS_PER_CROP_ROW = 12  # merged tokens along one side of a crop
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WHITE = (255, 255, 255)
+EXIF_ORIENTATION = 0x0112
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def to_rgb(image: Image.Image, *, exif_transpose: bool = True) -> Image.Image:
         raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__}")
     try:
         image.load()  # decode now, so truncated or corrupt data fails here with a clear error
-        if exif_transpose:
+        if exif_transpose and image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else exif_transpose only copies
             image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8), mode="L")

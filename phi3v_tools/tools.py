@@ -8,6 +8,7 @@ token usage, timings). Adapters (LangChain, MCP, CLI) wrap the :class:`Toolbox` 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from phi3v_tools.errors import PromptError
 from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
+from phi3v_tools.model.processing import IMAGE_TAG
 from phi3v_tools.runner import GenerationRequest, GenerationResult
 
 Detail = Literal["brief", "normal", "detailed"]
@@ -121,8 +123,6 @@ class Answer(_WithMeta):
 
 
 def _compact_json(value: Any) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
 
 
@@ -347,8 +347,6 @@ class Toolbox:
 
 def _clean(text: str) -> str:
     """User text with image tags removed: the tools place the images themselves."""
-    from phi3v_tools.model.processing import IMAGE_TAG
-
     cleaned = IMAGE_TAG.sub("", text).strip()
     if len(cleaned) > 4000:
         raise PromptError(f"the question has {len(cleaned)} characters; keep it under 4000")

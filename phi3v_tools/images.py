@@ -185,7 +185,8 @@ def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None) -> Loa
         return _from_path(unquote(parts.path), policy)
     if scheme:
         raise ImageError(f"URL scheme {scheme!r} is not supported; use http(s)://, file://, data: or a path")
-    if len(ref) > 256 and _BASE64.match(ref[:1024]) and not _exists(ref):
+    # Long strings of base64 characters are data, unless they name an existing file ('.' is never base64).
+    if len(ref) > 256 and "." not in ref and _BASE64.match(ref[:1024]) and not _exists(ref):
         return _from_base64(ref, "base64 data", policy)
     return _from_path(ref, policy)
 
@@ -200,6 +201,12 @@ def _exists(path: str) -> bool:
 def _from_data_uri(ref: str, policy: ImagePolicy) -> LoadedImage:
     match = _DATA_URI.match(ref)
     if match is None or not (match.group(2) or "").lower().endswith(";base64"):
+        media = ref[5:].split(",", 1)[0].split(";", 1)[0].strip()[:60]
+        if media and not media.lower().startswith("image/"):
+            raise ImageError(
+                f"a data: URI of type {media!r} is not an image; send data:image/png;base64,<data> (or JPEG, GIF, "
+                "WebP, BMP, TIFF)"
+            )
         raise ImageError("a data: URI must look like data:image/png;base64,<data>")
     return _from_base64(match.group(3), "a data: URI", policy)
 
@@ -217,33 +224,34 @@ def _from_base64(text: str, source: str, policy: ImagePolicy) -> LoadedImage:
 
 
 def _from_path(path: str, policy: ImagePolicy) -> LoadedImage:
+    shown = _shown(path)
     try:
         # Resolve symlinks and ".." first and check the directory before looking at the file, so paths
         # outside the allowed directories cannot be probed for existence.
         resolved = Path(path).expanduser().resolve(strict=False)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise ImageError(f"{path!r} is not a usable path ({type(exc).__name__})") from exc
+        raise ImageError(f"{shown} is not a usable path ({type(exc).__name__})") from exc
     if not any(resolved.is_relative_to(d) for d in policy.allowed_dirs):
         allowed = ", ".join(str(d) for d in policy.allowed_dirs) or "none"
         raise ImageError(
-            f"{path!r} is outside the allowed directories ({allowed}); allow more with PHI3V_ALLOWED_DIRS or "
+            f"{shown} is outside the allowed directories ({allowed}); allow more with PHI3V_ALLOWED_DIRS or "
             "--allow-dir, or send the image as a URL or base64"
         )
     try:
         if not resolved.exists():
-            raise ImageError(f"no image file at {path!r}")
+            raise ImageError(f"no image file at {shown}")
         if not resolved.is_file():
-            raise ImageError(f"{path!r} is not a regular file")
+            raise ImageError(f"{shown} is not a regular file")
         size = resolved.stat().st_size
         if size > policy.max_bytes:
-            raise ImageError(f"{path!r} has {size} bytes; the limit is {policy.max_bytes}")
+            raise ImageError(f"{shown} has {size} bytes; the limit is {policy.max_bytes}")
         with open(resolved, "rb") as f:
             data = f.read(policy.max_bytes + 1)
     except ImageError:
         raise
     except (OSError, ValueError) as exc:
-        raise ImageError(f"cannot read {path!r} ({type(exc).__name__})") from exc
-    return decode_bytes(data, f"file {path!r}", policy)
+        raise ImageError(f"cannot read {shown} ({getattr(exc, 'strerror', None) or type(exc).__name__})") from exc
+    return decode_bytes(data, f"file {shown}", policy)
 
 
 def decode_bytes(data: bytes, source: str, policy: ImagePolicy) -> LoadedImage:
@@ -464,6 +472,11 @@ def _shut(sock: socket.socket) -> None:
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:g} MiB"
+
+
+def _shown(path: str) -> str:
+    """A path for a message: quoted, and cut in the middle when long (a message must stay readable)."""
+    return repr(path) if len(path) <= 160 else f"{path[:100]!r}...{path[-40:]!r} ({len(path)} characters)"
 
 
 def _short(url: str) -> str:

@@ -47,6 +47,7 @@ from phi3v_tools.structured import (
     GrammarCompiler,
     JsonConstraint,
     bound_schema,
+    check_schema,
     complete_json,
     schema_prompt,
     validate,
@@ -338,6 +339,8 @@ class Runner:
             raise PromptError(f"num_crops must be between 1 and 16, got {request.num_crops}")
         if not request.messages:
             raise PromptError("a request needs at least one message")
+        if request.json_schema is not None:
+            check_schema(request.json_schema)
 
     # -- the worker ---------------------------------------------------------------------------------------------------
 

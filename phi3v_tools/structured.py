@@ -24,16 +24,48 @@ from typing import Any
 
 import torch
 
-from phi3v_tools.errors import GenerationError
+from phi3v_tools.errors import GenerationError, PromptError
 
 DEFAULT_MAX_STRING = 2000  # characters in any string the model writes
 DEFAULT_MAX_ITEMS = 64  # entries in any array or free-form object
 MAX_NUMBER = 1e15  # numbers are plain decimals within +-1e15 unless the schema bounds them itself
+MAX_SCHEMA_DEPTH = 32  # nesting of objects/arrays/lists in a caller's schema
+MAX_SCHEMA_NODES = 4000  # dicts, lists and values in a caller's schema
 _MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Schemas
+
+
+def check_schema(schema: Any) -> None:
+    """Refuse a caller's JSON schema that is not an object, too deep or large to handle, or refers elsewhere.
+
+    Runs before anything recursive touches the schema (bounding, grammar compilation, validation), so a
+    hostile schema is a :class:`PromptError` naming the problem, not a RecursionError or a fetch: only
+    local ``$ref`` s (``#/$defs/...``) are allowed; nothing is ever downloaded.
+    """
+    if not isinstance(schema, dict):
+        raise PromptError(f"the output schema must be a JSON object (a JSON schema), not {type(schema).__name__}")
+    nodes = 0
+    todo: list[tuple[Any, int]] = [(schema, 1)]
+    while todo:
+        node, depth = todo.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise PromptError(f"the output schema is too large: more than {MAX_SCHEMA_NODES} values")
+        if depth > MAX_SCHEMA_DEPTH:
+            raise PromptError(f"the output schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+                raise PromptError(
+                    f"the output schema refers to {str(ref)[:100]!r}: only local references such as "
+                    "'#/$defs/name' are allowed (include the definitions in the schema)"
+                )
+            todo.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list):
+            todo.extend((value, depth + 1) for value in node)
 
 
 def bound_schema(

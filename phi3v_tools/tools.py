@@ -21,6 +21,7 @@ from phi3v_tools.errors import PromptError
 from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
 from phi3v_tools.model.processing import IMAGE_TAG
 from phi3v_tools.runner import GenerationRequest, GenerationResult
+from phi3v_tools.structured import check_schema
 
 Detail = Literal["brief", "normal", "detailed"]
 ImageKind = Literal["photo", "chart", "document", "screenshot", "diagram", "illustration", "other"]
@@ -236,8 +237,11 @@ class Toolbox:
             raise PromptError("ask_images needs a question (image tags alone are not one)")
         images = self._images(images_in, 1, self.max_compare)
         schema = None
-        if output_schema is not None:
-            schema = output_schema.model_json_schema() if isinstance(output_schema, type) else dict(output_schema)
+        if isinstance(output_schema, type) and issubclass(output_schema, BaseModel):
+            schema = output_schema.model_json_schema()
+        elif output_schema is not None:
+            check_schema(output_schema)
+            schema = dict(output_schema)
         request = GenerationRequest.from_text(
             _clean(question), [i.image for i in images], json_schema=schema, max_new_tokens=max_new_tokens
         )
@@ -358,10 +362,13 @@ def _field_names(fields: Sequence[str]) -> list[str]:
         fields = fields.split(",")
     names = []
     for raw in fields:
+        if not isinstance(raw, str):
+            raise PromptError(f"field names must be strings, not {type(raw).__name__}")
         name = raw.strip()
         if not FIELD_NAME.match(name):
+            shown = repr(raw) if len(raw) <= 80 else f"{raw[:60]!r}... ({len(raw)} characters)"
             raise PromptError(
-                f"field name {raw!r} is not allowed: use letters, digits, spaces, '_' or '-', at most 64 characters"
+                f"field name {shown} is not allowed: use letters, digits, spaces, '_' or '-', at most 64 characters"
             )
         if name not in names:
             names.append(name)

@@ -8,18 +8,13 @@ non-loopback cases run with socket connections blocked and recorded.
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.server
 import io
 import os
 import socket
-import socketserver
-import struct
-import threading
 import time
 import urllib.parse
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,39 +34,22 @@ from phi3v_tools.images import (
     decode_bytes,
     load_image,
 )
+from tests.hostile import (
+    HTML,
+    PNG,
+    Recorder,
+    body_route,
+    chunked_route,
+    encode,
+    noise,
+    png_header_claiming,
+    redirect_route,
+    serving,
+    trickle,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _noise(width: int = 16, height: int = 12, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
-def _encode(image: Image.Image, fmt: str = "PNG", **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-PNG = _encode(_noise())
-HTML = b"<!doctype html><html><head><title>x</title></head><body>not an image</body></html>"
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png_header_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims ``width`` x ``height`` RGB pixels (a decompression-bomb shape)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 def _refused(ref: Any, policy: ImagePolicy, *fragments: str, store: ImageStore | None = None) -> str:
@@ -115,7 +93,7 @@ def test_a_path_inside_an_allowed_directory_loads_as_str_or_pathlike(allowed: Pa
         loaded = load_image(ref, policy)
         assert (loaded.width, loaded.height) == (16, 12)
         assert loaded.image.mode == "RGB"
-        assert loaded.digest == image_digest(_noise())
+        assert loaded.digest == image_digest(noise())
         assert "picture.png" in loaded.source
 
 
@@ -146,7 +124,7 @@ def test_a_symlink_inside_the_allowed_directory_pointing_outside_is_refused(
 def test_a_symlink_to_a_file_inside_the_allowed_directory_loads(allowed: Path, policy: ImagePolicy) -> None:
     (allowed / "real.png").write_bytes(PNG)
     (allowed / "alias.png").symlink_to(allowed / "real.png")
-    assert load_image(allowed / "alias.png", policy).digest == image_digest(_noise())
+    assert load_image(allowed / "alias.png", policy).digest == image_digest(noise())
 
 
 def test_a_directory_or_a_missing_file_is_an_error(allowed: Path, policy: ImagePolicy) -> None:
@@ -179,8 +157,8 @@ def test_non_utf8_file_names_load(allowed: Path, policy: ImagePolicy) -> None:
     with open(raw, "wb") as f:
         f.write(PNG)
     name = os.fsdecode(raw)  # surrogate-escaped str, as os.listdir would give it
-    assert load_image(name, policy).digest == image_digest(_noise())
-    assert load_image(Path(name), policy).digest == image_digest(_noise())
+    assert load_image(name, policy).digest == image_digest(noise())
+    assert load_image(Path(name), policy).digest == image_digest(noise())
     # bytes are image data, never a path: a bytes file name fails as "not an image", cleanly
     _refused(raw, policy, "not a readable image")
     # a file:// URL percent-encoding the raw bytes does not find it, and says so cleanly
@@ -228,7 +206,7 @@ def test_a_long_path_without_a_dot_is_read_as_a_path(allowed: Path, policy: Imag
     if "." in str(path):
         pytest.skip("the temporary directory has a '.' in its path")
     assert len(str(path)) > 256
-    assert load_image(str(path), policy).digest == image_digest(_noise())
+    assert load_image(str(path), policy).digest == image_digest(noise())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,19 +215,19 @@ def test_a_long_path_without_a_dot_is_read_as_a_path(allowed: Path, policy: Imag
 
 def test_a_png_data_uri_loads(policy: ImagePolicy) -> None:
     uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    assert load_image(uri, policy).digest == image_digest(_noise())
+    assert load_image(uri, policy).digest == image_digest(noise())
     # the media type is not trusted: a JPEG labelled image/png still decodes by its bytes
-    jpeg = _encode(_noise(), "JPEG")
+    jpeg = encode(noise(), "JPEG")
     assert load_image("DATA:image/png;base64," + base64.b64encode(jpeg).decode(), policy).width == 16
 
 
 def test_bare_base64_loads_including_wrapped_lines(policy: ImagePolicy) -> None:
     text = base64.b64encode(PNG).decode()
     assert len(text) > 256
-    assert load_image(text, policy).digest == image_digest(_noise())
+    assert load_image(text, policy).digest == image_digest(noise())
     wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
-    assert load_image(wrapped, policy).digest == image_digest(_noise())
-    assert load_image(text.rstrip("="), policy).digest == image_digest(_noise())  # missing padding is tolerated
+    assert load_image(wrapped, policy).digest == image_digest(noise())
+    assert load_image(text.rstrip("="), policy).digest == image_digest(noise())  # missing padding is tolerated
 
 
 def _urlsafe_png(want_dash: bool) -> tuple[Image.Image, str]:
@@ -257,7 +235,7 @@ def _urlsafe_png(want_dash: bool) -> tuple[Image.Image, str]:
     for seed in range(3000):  # a few hundred characters of base64: one in a few dozen has no '-'
         grey = np.random.default_rng(seed).integers(0, 256, size=(8, 8), dtype=np.uint8)
         image = Image.fromarray(grey).convert("RGB")
-        text = base64.urlsafe_b64encode(_encode(image)).decode()
+        text = base64.urlsafe_b64encode(encode(image)).decode()
         if "_" in text and ("-" in text) == want_dash and len(text) > 256:
             return image, text
     raise AssertionError("no suitable image found")
@@ -343,7 +321,7 @@ def test_a_malformed_handle_is_an_error(policy: ImagePolicy) -> None:
 
 def test_the_store_is_a_bounded_lru() -> None:
     store = ImageStore(max_images=2)
-    loaded = [LoadedImage(_noise(4, 4, seed), image_digest(_noise(4, 4, seed)), "test") for seed in range(3)]
+    loaded = [LoadedImage(noise(4, 4, seed), image_digest(noise(4, 4, seed)), "test") for seed in range(3)]
     store.add(loaded[0])
     store.add(loaded[1])
     assert store.get(loaded[0].digest) is loaded[0]  # now the most recently used
@@ -361,7 +339,7 @@ def test_the_store_is_a_bounded_lru() -> None:
 
 @pytest.fixture(scope="module")
 def jpeg_bytes() -> bytes:
-    return _encode(_noise(64, 48), "JPEG", quality=90)
+    return encode(noise(64, 48), "JPEG", quality=90)
 
 
 def test_zero_bytes_are_an_error(policy: ImagePolicy) -> None:
@@ -371,7 +349,7 @@ def test_zero_bytes_are_an_error(policy: ImagePolicy) -> None:
 
 
 def test_truncated_png_and_jpeg_are_errors(policy: ImagePolicy, jpeg_bytes: bytes) -> None:
-    png = _encode(_noise(64, 48))
+    png = encode(noise(64, 48))
     for data in (png[: len(png) // 2], jpeg_bytes[: len(jpeg_bytes) // 2], png[:40]):
         _refused(data, policy, "not a readable image", "send a PNG, JPEG, GIF, WebP, BMP or TIFF file")
 
@@ -387,7 +365,7 @@ def test_a_text_file_named_png_is_an_error(allowed: Path, policy: ImagePolicy) -
         b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
         HTML,
         b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n",
-        _encode(Image.new("RGB", (4, 4)), "PDF"),
+        encode(Image.new("RGB", (4, 4)), "PDF"),
     ],
     ids=["svg", "html", "pdf", "pillow-pdf"],
 )
@@ -400,8 +378,8 @@ def test_non_raster_bytes_are_refused(data: bytes, policy: ImagePolicy) -> None:
     ("data", "name"),
     [
         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "EPS"),
-        (_encode(Image.new("RGB", (4, 4)), "PPM"), "PPM"),
-        (_encode(Image.new("RGB", (16, 16)), "ICO"), "ICO"),
+        (encode(Image.new("RGB", (4, 4)), "PPM"), "PPM"),
+        (encode(Image.new("RGB", (16, 16)), "ICO"), "ICO"),
     ],
     ids=["eps", "ppm", "ico"],
 )
@@ -411,14 +389,14 @@ def test_raster_formats_outside_the_allowlist_are_refused_by_name(data: bytes, n
 
 def test_a_header_claiming_a_huge_image_is_refused_as_a_bomb(policy: ImagePolicy) -> None:
     start = time.perf_counter()
-    _refused(_png_header_claiming(100_000, 100_000), policy, "too many pixels", "decompression bomb")
+    _refused(png_header_claiming(100_000, 100_000), policy, "too many pixels", "decompression bomb")
     # over our own limit (40 MP by default) but under Pillow's: refused by the header, with the limit in the message
-    _refused(_png_header_claiming(7000, 7000), policy, "7000x7000 = 49000000 pixels", "the limit is 40000000")
+    _refused(png_header_claiming(7000, 7000), policy, "7000x7000 = 49000000 pixels", "the limit is 40000000")
     assert time.perf_counter() - start < 2
 
 
 def test_a_real_large_image_over_max_pixels_is_refused_before_decoding() -> None:
-    data = _encode(Image.new("L", (8000, 8000), 7), "PNG")
+    data = encode(Image.new("L", (8000, 8000), 7), "PNG")
     lowered = ImagePolicy(max_pixels=1_000_000)
     start = time.perf_counter()
     _refused(data, lowered, "8000x8000 = 64000000 pixels", "the limit is 1000000", "downscale")
@@ -428,7 +406,7 @@ def test_a_real_large_image_over_max_pixels_is_refused_before_decoding() -> None
 
 
 def test_an_extreme_aspect_ratio_is_fine(policy: ImagePolicy) -> None:
-    loaded = load_image(_encode(Image.new("RGB", (1, 10000), (9, 8, 7))), policy)
+    loaded = load_image(encode(Image.new("RGB", (1, 10000), (9, 8, 7))), policy)
     assert (loaded.width, loaded.height) == (1, 10000)
 
 
@@ -441,12 +419,12 @@ def _modes() -> list[Any]:
     la.putpixel((0, 0), (50, 0))
     cmyk = Image.new("CMYK", (7, 5), (0, 0, 0, 0))
     return [
-        pytest.param(_encode(sixteen), "I;16", (128, 128, 128), id="16-bit-grey-png"),
-        pytest.param(_encode(palette, transparency=0), "P", (10, 200, 30), id="palette-with-alpha"),
-        pytest.param(_encode(la), "LA", (200, 200, 200), id="LA"),
-        pytest.param(_encode(Image.new("RGBA", (7, 5), (1, 2, 3, 0))), "RGBA", None, id="RGBA"),
-        pytest.param(_encode(cmyk, "JPEG"), "CMYK", None, id="CMYK-jpeg"),
-        pytest.param(_encode(cmyk, "TIFF"), "CMYK", (255, 255, 255), id="CMYK-tiff"),
+        pytest.param(encode(sixteen), "I;16", (128, 128, 128), id="16-bit-grey-png"),
+        pytest.param(encode(palette, transparency=0), "P", (10, 200, 30), id="palette-with-alpha"),
+        pytest.param(encode(la), "LA", (200, 200, 200), id="LA"),
+        pytest.param(encode(Image.new("RGBA", (7, 5), (1, 2, 3, 0))), "RGBA", None, id="RGBA"),
+        pytest.param(encode(cmyk, "JPEG"), "CMYK", None, id="CMYK-jpeg"),
+        pytest.param(encode(cmyk, "TIFF"), "CMYK", (255, 255, 255), id="CMYK-tiff"),
     ]
 
 
@@ -464,7 +442,7 @@ def test_other_modes_become_rgb(
 
 def test_an_animated_gif_uses_its_first_frame(policy: ImagePolicy) -> None:
     red, green, blue = (Image.new("RGB", (8, 6), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255)))
-    data = _encode(red, "GIF", save_all=True, append_images=[green, blue], duration=50, loop=0)
+    data = encode(red, "GIF", save_all=True, append_images=[green, blue], duration=50, loop=0)
     assert Image.open(io.BytesIO(data)).n_frames == 3
     loaded = load_image(data, policy)
     assert loaded.image.mode == "RGB"
@@ -474,7 +452,7 @@ def test_an_animated_gif_uses_its_first_frame(policy: ImagePolicy) -> None:
 def test_an_exif_rotated_jpeg_is_rotated(policy: ImagePolicy) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    data = _encode(Image.new("RGB", (40, 20), (50, 100, 150)), "JPEG", exif=exif.tobytes())
+    data = encode(Image.new("RGB", (40, 20), (50, 100, 150)), "JPEG", exif=exif.tobytes())
     loaded = load_image(data, policy)
     assert (loaded.width, loaded.height) == (20, 40)
 
@@ -490,19 +468,19 @@ def _lossless_formats() -> list[Any]:
 def test_the_digest_is_the_same_for_the_same_pixels_in_any_format(
     fmt: str, options: dict[str, Any], policy: ImagePolicy
 ) -> None:
-    image = _noise(10, 9, seed=3)
-    as_png = load_image(_encode(image, "PNG"), policy)
-    other = load_image(_encode(image, fmt, **options), policy)
+    image = noise(10, 9, seed=3)
+    as_png = load_image(encode(image, "PNG"), policy)
+    other = load_image(encode(image, fmt, **options), policy)
     assert other.digest == as_png.digest == load_image(image, policy).digest == image_digest(image)
     assert other.handle == as_png.handle
 
 
 def test_the_digest_changes_when_one_pixel_changes(policy: ImagePolicy) -> None:
-    image = _noise(10, 9, seed=3)
+    image = noise(10, 9, seed=3)
     changed = image.copy()
     r, g, b = changed.getpixel((5, 5))
     changed.putpixel((5, 5), (r, g, (b + 1) % 256))
-    assert load_image(_encode(image), policy).digest != load_image(_encode(changed), policy).digest
+    assert load_image(encode(image), policy).digest != load_image(encode(changed), policy).digest
     # the size is part of the identity: the same bytes in another shape differ too
     reshaped = Image.frombytes("RGB", (9, 10), image.tobytes())
     assert image_digest(reshaped) != image_digest(image)
@@ -512,110 +490,10 @@ def test_the_digest_changes_when_one_pixel_changes(policy: ImagePolicy) -> None:
 # URLs: a recording server of our own on loopback
 
 
-Route = Callable[[http.server.BaseHTTPRequestHandler], None]
-
-
-class _Recorder(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, host: str, family: socket.AddressFamily) -> None:
-        self.address_family = family
-        self.requests: list[tuple[str, str | None]] = []  # (path, Host header) of every request received
-        self.routes: dict[str, Route] = {}
-        super().__init__((host, 0), _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn (a reverse DNS lookup); these servers need no name
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "test", self.port
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Recorder
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - the http.server name
-        self.server.requests.append((self.path, self.headers.get("Host")))
-        route = self.server.routes.get(self.path)
-        try:
-            if route is None:
-                self.send_error(404, "no such test route")
-            else:
-                route(self)
-        except OSError:
-            self.close_connection = True  # the client hung up (it stopped reading on purpose)
-
-
-def _body(data: bytes, content_type: str = "image/png", length: int | None = -1) -> Route:
-    def route(h: http.server.BaseHTTPRequestHandler) -> None:
-        h.send_response(200)
-        h.send_header("Content-Type", content_type)
-        if length is not None:
-            h.send_header("Content-Length", str(len(data) if length == -1 else length))
-        h.end_headers()
-        h.wfile.write(data)
-
-    return route
-
-
-def _redirect(location: str, status: int = 302) -> Route:
-    def route(h: http.server.BaseHTTPRequestHandler) -> None:
-        h.send_response(status)
-        h.send_header("Location", location)
-        h.send_header("Content-Length", "0")
-        h.end_headers()
-
-    return route
-
-
-def _chunked(pieces: Iterator[bytes]) -> Route:
-    def route(h: http.server.BaseHTTPRequestHandler) -> None:
-        h.protocol_version = "HTTP/1.1"
-        h.send_response(200)
-        h.send_header("Content-Type", "image/png")
-        h.send_header("Transfer-Encoding", "chunked")
-        h.send_header("Connection", "close")
-        h.end_headers()
-        for piece in pieces:
-            h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            h.wfile.flush()
-        h.wfile.write(b"0\r\n\r\n")
-
-    return route
-
-
-def _trickle(seconds: float, step: float = 0.2) -> Iterator[bytes]:
-    """One byte every ``step`` seconds, for at most ``seconds`` (every server loop is bounded)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        yield b"x"
-        time.sleep(step)
-
-
-@contextlib.contextmanager
-def _serving(host: str = "127.0.0.1", family: socket.AddressFamily = socket.AF_INET) -> Iterator[_Recorder]:
-    server = _Recorder(host, family)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
-def web() -> Iterator[_Recorder]:
-    with _serving() as server:
-        server.routes["/img.png"] = _body(PNG)
+def web() -> Iterator[Recorder]:
+    with serving() as server:
+        server.routes["/img.png"] = body_route(PNG)
         yield server
 
 
@@ -661,7 +539,7 @@ def _ipv6_loopback() -> bool:
         "0.0.0.0",  # reaches the local host on Linux
     ],
 )
-def test_loopback_urls_are_refused_by_default_and_never_requested(web: _Recorder, host: str) -> None:
+def test_loopback_urls_are_refused_by_default_and_never_requested(web: Recorder, host: str) -> None:
     if host == "localhost" and "localhost" not in Path("/etc/hosts").read_text():
         pytest.skip("'localhost' is not in /etc/hosts: resolving it could query a DNS server")
     message = _refused(f"http://{host}:{web.port}/img.png", ImagePolicy(), "refusing to fetch")
@@ -673,8 +551,8 @@ def test_loopback_urls_are_refused_by_default_and_never_requested(web: _Recorder
 def test_ipv6_loopback_is_refused_and_never_requested() -> None:
     if not _ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
-    with _serving("::1", socket.AF_INET6) as server:
-        server.routes["/img.png"] = _body(PNG)
+    with serving("::1", socket.AF_INET6) as server:
+        server.routes["/img.png"] = body_route(PNG)
         _refused(f"http://[::1]:{server.port}/img.png", ImagePolicy(), "::1 is a loopback address")
         _refused(f"http://localhost:{server.port}/img.png", ImagePolicy(), "loopback")
         # the server works: trusted, it is fetched
@@ -711,7 +589,7 @@ def test_the_connection_guard_would_see_a_connection(blocked_sockets: list[Any])
     assert blocked_sockets and blocked_sockets[0][0][0] == "93.184.216.34"
 
 
-def test_a_hostname_resolving_to_loopback_is_refused(web: _Recorder, blocked_sockets: list[Any]) -> None:
+def test_a_hostname_resolving_to_loopback_is_refused(web: Recorder, blocked_sockets: list[Any]) -> None:
     evil = ImagePolicy(resolver=lambda host, port: ["127.0.0.1"])
     _refused(f"http://evil.test:{web.port}/img.png", evil, "'evil.test'", "127.0.0.1 is a loopback address")
     assert web.requests == [] and blocked_sockets == []
@@ -730,23 +608,23 @@ def test_a_hostname_with_any_special_address_is_refused(blocked_sockets: list[An
     assert blocked_sockets == []
 
 
-def test_a_trusted_host_is_fetched_and_decoded(web: _Recorder) -> None:
+def test_a_trusted_host_is_fetched_and_decoded(web: Recorder) -> None:
     store = ImageStore()
     loaded = load_image(f"http://127.0.0.1:{web.port}/img.png", TRUSTED, store)
-    assert loaded.digest == image_digest(_noise())
+    assert loaded.digest == image_digest(noise())
     assert store.get(loaded.digest) is loaded
     assert "URL http://127.0.0.1" in loaded.source
     assert [path for path, _ in web.requests] == ["/img.png"]
 
 
-def test_the_connection_is_pinned_to_the_checked_address_and_keeps_the_host_name(web: _Recorder) -> None:
+def test_the_connection_is_pinned_to_the_checked_address_and_keeps_the_host_name(web: Recorder) -> None:
     pinned = ImagePolicy(resolver=lambda host, port: ["127.0.0.1"], trusted_hosts=frozenset({"images.test"}))
     assert load_image(f"http://images.test:{web.port}/img.png", pinned).width == 16
     assert web.requests == [("/img.png", f"images.test:{web.port}")]
 
 
-def test_proxies_from_the_environment_are_ignored(web: _Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
-    with _serving() as proxy:
+def test_proxies_from_the_environment_are_ignored(web: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    with serving() as proxy:
         for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
             monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
         monkeypatch.delenv("NO_PROXY", raising=False)
@@ -756,20 +634,20 @@ def test_proxies_from_the_environment_are_ignored(web: _Recorder, monkeypatch: p
         assert len(web.requests) == 1
 
 
-def test_a_redirect_to_an_untrusted_loopback_server_is_refused_at_the_redirect(web: _Recorder) -> None:
-    with _serving("127.0.0.2") as second:
-        second.routes["/img.png"] = _body(PNG)
-        web.routes["/go"] = _redirect(f"http://127.0.0.2:{second.port}/img.png")
+def test_a_redirect_to_an_untrusted_loopback_server_is_refused_at_the_redirect(web: Recorder) -> None:
+    with serving("127.0.0.2") as second:
+        second.routes["/img.png"] = body_route(PNG)
+        web.routes["/go"] = redirect_route(f"http://127.0.0.2:{second.port}/img.png")
         _refused(f"http://127.0.0.1:{web.port}/go", TRUSTED, "refusing to fetch '127.0.0.2'", "loopback")
         time.sleep(0.05)
         assert [path for path, _ in web.requests] == ["/go"]
         assert second.requests == []
 
 
-def test_a_redirect_to_a_special_address_never_connects(web: _Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
-    web.routes["/meta"] = _redirect("http://169.254.169.254/latest/meta-data/", 301)
-    web.routes["/rel"] = _redirect("/img.png", 307)
-    web.routes["/ftp"] = _redirect("ftp://example.com/x.png")
+def test_a_redirect_to_a_special_address_never_connects(web: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    web.routes["/meta"] = redirect_route("http://169.254.169.254/latest/meta-data/", 301)
+    web.routes["/rel"] = redirect_route("/img.png", 307)
+    web.routes["/ftp"] = redirect_route("ftp://example.com/x.png")
     connected: list[Any] = []
     real_connect = socket.socket.connect
 
@@ -786,30 +664,30 @@ def test_a_redirect_to_a_special_address_never_connects(web: _Recorder, monkeypa
     assert {address[0] for address in connected} == {"127.0.0.1"}
 
 
-def test_redirect_chains_longer_than_max_redirects_are_refused(web: _Recorder) -> None:
+def test_redirect_chains_longer_than_max_redirects_are_refused(web: Recorder) -> None:
     for n in range(1, 4):
-        web.routes[f"/hop{n}"] = _redirect(f"/hop{n - 1}" if n > 1 else "/img.png")
+        web.routes[f"/hop{n}"] = redirect_route(f"/hop{n - 1}" if n > 1 else "/img.png")
     two = ImagePolicy(trusted_hosts=frozenset({"127.0.0.1"}), max_redirects=2, url_timeout_s=5.0)
     assert load_image(f"http://127.0.0.1:{web.port}/hop2", two).width == 16  # two redirects: allowed
     web.requests.clear()
     _refused(f"http://127.0.0.1:{web.port}/hop3", two, "redirected more than 2 times")
     assert [path for path, _ in web.requests] == ["/hop3", "/hop2", "/hop1"]  # the last hop is never requested
-    web.routes["/loop"] = _redirect("/loop")
+    web.routes["/loop"] = redirect_route("/loop")
     _refused(f"http://127.0.0.1:{web.port}/loop", two, "redirected more than 2 times")
 
 
-def test_a_declared_length_over_max_bytes_is_refused(web: _Recorder) -> None:
-    web.routes["/big"] = _body(PNG, length=10**9)
+def test_a_declared_length_over_max_bytes_is_refused(web: Recorder) -> None:
+    web.routes["/big"] = body_route(PNG, length=10**9)
     _refused(f"http://127.0.0.1:{web.port}/big", TRUSTED, "is 1000000000 bytes", f"the limit is {TRUSTED.max_bytes}")
 
 
-def test_a_body_over_max_bytes_is_stopped_whatever_the_headers_say(web: _Recorder) -> None:
+def test_a_body_over_max_bytes_is_stopped_whatever_the_headers_say(web: Recorder) -> None:
     limit = 256 * 1024
     small = ImagePolicy(trusted_hosts=frozenset({"127.0.0.1"}), max_bytes=limit, url_timeout_s=5.0)
     big = PNG + b"\0" * (4 * limit)
-    web.routes["/nolength"] = _body(big, length=None)
-    web.routes["/chunked"] = _chunked(iter([big[i : i + 8192] for i in range(0, len(big), 8192)]))
-    web.routes["/lying"] = _body(HTML + b"\0" * (4 * limit), length=100)
+    web.routes["/nolength"] = body_route(big, length=None)
+    web.routes["/chunked"] = chunked_route(iter([big[i : i + 8192] for i in range(0, len(big), 8192)]))
+    web.routes["/lying"] = body_route(HTML + b"\0" * (4 * limit), length=100)
     start = time.perf_counter()
     _refused(f"http://127.0.0.1:{web.port}/nolength", small, f"sent more than the {limit}-byte limit")
     _refused(f"http://127.0.0.1:{web.port}/chunked", small, f"sent more than the {limit}-byte limit")
@@ -817,7 +695,7 @@ def test_a_body_over_max_bytes_is_stopped_whatever_the_headers_say(web: _Recorde
     assert time.perf_counter() - start < 5
 
 
-def test_a_silent_server_is_stopped_by_the_timeout(web: _Recorder) -> None:
+def test_a_silent_server_is_stopped_by_the_timeout(web: Recorder) -> None:
     web.routes["/silent"] = lambda h: time.sleep(3.0)
     quick = ImagePolicy(trusted_hosts=frozenset({"127.0.0.1"}), url_timeout_s=1.0)
     start = time.perf_counter()
@@ -825,21 +703,21 @@ def test_a_silent_server_is_stopped_by_the_timeout(web: _Recorder) -> None:
     assert time.perf_counter() - start < 2.5  # the server goes on for 3 s
 
 
-def test_an_endless_chunked_body_is_stopped_by_the_timeout(web: _Recorder) -> None:
-    web.routes["/endless"] = _chunked(_trickle(3.0))
+def test_an_endless_chunked_body_is_stopped_by_the_timeout(web: Recorder) -> None:
+    web.routes["/endless"] = chunked_route(trickle(3.0))
     quick = ImagePolicy(trusted_hosts=frozenset({"127.0.0.1"}), url_timeout_s=1.0)
     start = time.perf_counter()
     _refused(f"http://127.0.0.1:{web.port}/endless", quick, "took longer than 1 s")
     assert time.perf_counter() - start < 2.5  # the server goes on for 3 s
 
 
-def test_a_trickling_body_is_stopped_by_the_timeout(web: _Recorder) -> None:
+def test_a_trickling_body_is_stopped_by_the_timeout(web: Recorder) -> None:
     def trickle(h: http.server.BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "image/png")
         h.send_header("Content-Length", "100000")
         h.end_headers()
-        for piece in _trickle(3.0):
+        for piece in trickle(3.0):
             h.wfile.write(piece)
             h.wfile.flush()
 
@@ -851,10 +729,10 @@ def test_a_trickling_body_is_stopped_by_the_timeout(web: _Recorder) -> None:
     assert time.perf_counter() - start < 2.5  # the server goes on for 3 s
 
 
-def test_trickling_headers_are_stopped_by_the_timeout(web: _Recorder) -> None:
+def test_trickling_headers_are_stopped_by_the_timeout(web: Recorder) -> None:
     def slow_headers(h: http.server.BaseHTTPRequestHandler) -> None:
         h.wfile.write(b"HTTP/1.0 200 OK\r\n")
-        for _ in _trickle(3.0):
+        for _ in trickle(3.0):
             h.wfile.write(b"X-Padding: x\r\n")
             h.wfile.flush()
 
@@ -866,20 +744,20 @@ def test_trickling_headers_are_stopped_by_the_timeout(web: _Recorder) -> None:
     assert time.perf_counter() - start < 2.5  # the server goes on for 3 s
 
 
-def test_the_bytes_decide_not_the_content_type(web: _Recorder) -> None:
-    web.routes["/png-as-text"] = _body(PNG, content_type="text/plain")
-    web.routes["/html-as-png"] = _body(HTML, content_type="image/png")
-    assert load_image(f"http://127.0.0.1:{web.port}/png-as-text", TRUSTED).digest == image_digest(_noise())
+def test_the_bytes_decide_not_the_content_type(web: Recorder) -> None:
+    web.routes["/png-as-text"] = body_route(PNG, content_type="text/plain")
+    web.routes["/html-as-png"] = body_route(HTML, content_type="image/png")
+    assert load_image(f"http://127.0.0.1:{web.port}/png-as-text", TRUSTED).digest == image_digest(noise())
     _refused(f"http://127.0.0.1:{web.port}/html-as-png", TRUSTED, "not a readable image", "PNG, JPEG")
 
 
-def test_an_http_error_status_is_reported(web: _Recorder) -> None:
+def test_an_http_error_status_is_reported(web: Recorder) -> None:
     _refused(f"http://127.0.0.1:{web.port}/missing.png", TRUSTED, "answered HTTP 404")
     web.routes["/teapot"] = lambda h: h.send_error(500)
     _refused(f"http://127.0.0.1:{web.port}/teapot", TRUSTED, "answered HTTP 500")
 
 
-def test_urls_can_be_turned_off(web: _Recorder) -> None:
+def test_urls_can_be_turned_off(web: Recorder) -> None:
     off = ImagePolicy(allow_urls=False, trusted_hosts=frozenset({"127.0.0.1"}))
     _refused(f"http://127.0.0.1:{web.port}/img.png", off, "fetching URLs is turned off", "base64")
     _refused(f"HTTPS://127.0.0.1:{web.port}/img.png", off, "fetching URLs is turned off")
@@ -893,7 +771,7 @@ def test_other_schemes_are_refused(url: str, blocked_sockets: list[Any]) -> None
     assert blocked_sockets == []
 
 
-def test_urls_with_credentials_are_refused(web: _Recorder) -> None:
+def test_urls_with_credentials_are_refused(web: Recorder) -> None:
     for userinfo in ("user:secret@", "user@", ":secret@"):
         message = _refused(f"http://{userinfo}127.0.0.1:{web.port}/img.png", TRUSTED, "credentials")
         assert "secret" not in message

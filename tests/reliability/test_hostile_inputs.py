@@ -1,0 +1,136 @@
+"""Every hostile input of the corpus through every surface: a clear error naming the problem (or, for unusual
+but valid pictures, a correct result), nothing outside the allowed directory opened, no connection to a refused
+address, no request reaching the internal service, and the same surface serving a good call right after.
+
+The model is the tiny checkpoint with answers capped at 16 tokens; all surfaces share one toolbox, so the
+image handles of one surface are valid on the others (as they are for one server's clients).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
+from phi3v_tools.runner import Runner
+from phi3v_tools.settings import Settings
+from phi3v_tools.tools import Toolbox
+from tests.hostile import serving
+from tests.mcp_http import http_server
+from tests.reliability.corpus import SURFACES, Case, HostileEnv, corpus, make_env
+from tests.reliability.surfaces import (
+    LangChainSurface,
+    McpHttpSurface,
+    McpMemorySurface,
+    Outcome,
+    PythonSurface,
+    watching,
+)
+
+CASES = corpus()
+PARAMS = [
+    pytest.param(case, surface, id=f"{surface}-{case.id}", marks=[pytest.mark.slow] if case.slow else [])
+    for surface in SURFACES
+    for case in CASES
+    if surface in case.surfaces
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileEnv]:
+    with serving("127.0.0.1") as web, serving("127.0.0.2") as internal:
+        yield make_env(tmp_path_factory.mktemp("hostile"), web, internal)
+
+
+@pytest.fixture(scope="module")
+def surfaces(
+    env: HostileEnv, tiny_model: Phi3VForCausalLM, tiny_processor: Phi3VProcessor, tiny_dir: Path
+) -> Iterator[dict[str, Any]]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model decodes fastest on one thread
+    settings = Settings(model=str(tiny_dir), max_new_tokens=16, batch_window_ms=1, allowed_dirs=(env.allowed,))
+    runner = Runner(tiny_model, tiny_processor, settings)
+    toolbox = Toolbox(runner, env.policy())
+    try:
+        with http_server(settings, toolbox) as url:
+            yield {
+                "python": PythonSurface(toolbox),
+                "langchain": LangChainSurface(toolbox),
+                "mcp_memory": McpMemorySurface(settings, toolbox),
+                "mcp_http": McpHttpSurface(url),
+                "url": url,
+            }
+    finally:
+        runner.close()
+        torch.set_num_threads(threads)
+
+
+def _good_call(surface: Any, env: HostileEnv) -> None:
+    outcome = surface.call("describe_image", {"image": str(env.good), "detail": "brief"})
+    assert outcome.error is None, f"a good call failed after the hostile one: {outcome.error}"
+    assert outcome.result is not None and outcome.result["images"][0]["width"] == 48
+
+
+def _assert_clear(message: str, case: Case) -> None:
+    assert case.error is not None
+    assert re.search(case.error, message, re.IGNORECASE | re.DOTALL), f"{message!r} does not match {case.error!r}"
+    assert "Traceback" not in message and 'File "' not in message, message
+    assert len(message) < 2000, f"the message is {len(message)} characters long"
+    message.encode("utf-8")  # sendable as JSON text
+
+
+@pytest.mark.parametrize(("case", "surface_name"), PARAMS)
+def test_a_hostile_input_gets_a_clear_answer_touches_nothing_forbidden_and_the_surface_keeps_serving(
+    case: Case, surface_name: str, env: HostileEnv, surfaces: dict[str, Any]
+) -> None:
+    surface = surfaces[surface_name]
+    args = case.args(env)
+    if case.id == "handle-from-an-earlier-call":
+        _good_call(surface, env)  # the earlier call
+    web_before = len(env.web.requests)
+    with watching() as watch:
+        outcome: Outcome = surface.call(case.tool, args)
+
+    if case.error is None:
+        assert outcome.error is None, f"a valid input was refused: {outcome.error}"
+        assert outcome.result is not None and case.check is not None
+        case.check(outcome.result, env)
+    else:
+        assert outcome.error is not None, f"a hostile input was accepted: {outcome.result}"
+        _assert_clear(outcome.error, case)
+
+    forbidden = {os.path.realpath(p) for p in env.forbidden_files}
+    opened = {os.path.realpath(p) for p in watch.opened if not p.startswith(("/usr", str(Path.home() / ".cache")))}
+    assert not opened & forbidden, f"forbidden files were opened: {opened & forbidden}"
+    allowed_peers = {("127.0.0.1", env.web.port), ("127.0.0.1", _port(surfaces["url"]))}
+    strays = [peer for peer in watch.connected if _peer(peer) not in allowed_peers]
+    assert not strays, f"connections to refused addresses: {strays}"
+    assert env.internal.requests == [], "the internal service was contacted"
+    if case.error is not None:
+        reached = [path for path, _host in env.web.requests[web_before:] if path == "/ok.png"]
+        assert not reached, "a refused URL was fetched through the trusted server"
+
+    _good_call(surface, env)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def _peer(address: Any) -> tuple[str, int] | None:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return (str(address[0]), int(address[1]))
+    return None
+
+
+def test_the_corpus_covers_every_surface_and_kind_of_input() -> None:
+    per_surface = {surface: sum(surface in case.surfaces for case in CASES) for surface in SURFACES}
+    assert min(per_surface.values()) >= 90, per_surface
+    assert sum(case.error is None for case in CASES) >= 10  # unusual but valid pictures must keep working

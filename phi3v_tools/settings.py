@@ -15,22 +15,6 @@ from phi3v_tools.images import ImagePolicy
 from phi3v_tools.model.checkpoint import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 
 ENV_PREFIX = "PHI3V_"
-_INTS = {
-    "mcp_port",
-    "num_crops",
-    "max_batch_size",
-    "max_batch_tokens",
-    "max_queue",
-    "max_images",
-    "max_new_tokens",
-    "max_context",
-    "feature_cache_mb",
-    "max_image_pixels",
-    "max_compare",
-}
-_FLOATS = {"mcp_max_body_mb", "batch_window_ms", "request_timeout_s", "max_image_mb", "url_timeout_s"}
-
-
 @dataclass(frozen=True)
 class Settings:
     """How to load and run the model. Field ``x`` is read from ``PHI3V_X`` by :meth:`from_env`."""
@@ -63,6 +47,7 @@ class Settings:
     mcp_port: int = 8765
     mcp_token: str | None = None  # when set, HTTP clients must send "Authorization: Bearer <token>"
     mcp_max_body_mb: float = 40.0  # largest HTTP request body (base64 images are ~4/3 of their file size)
+    mcp_shutdown_grace_s: float = 10.0  # on SIGTERM/Ctrl-C, in-flight HTTP calls get this long to finish
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(
@@ -82,8 +67,8 @@ class Settings:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name in _INTS or f.name in _FLOATS:
-                kind = int if f.name in _INTS else float
+            kind = _NUMBERS.get(str(f.type))
+            if kind is not None:
                 try:
                     values[f.name] = kind(raw)
                 except ValueError:
@@ -100,3 +85,7 @@ class Settings:
                 values[f.name] = raw
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# Numeric fields are parsed by their annotation (a string under `from __future__ import annotations`).
+_NUMBERS: dict[str, type[int] | type[float]] = {"int": int, "int | None": int, "float": float, "float | None": float}

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m phi3v_mcp",
         description="Serve the phi3v-tools vision tools over MCP. Settings come from PHI3V_* environment "
         "variables (PHI3V_MODEL, PHI3V_ALLOWED_DIRS, PHI3V_ALLOW_URLS, PHI3V_MCP_HOST, PHI3V_MCP_PORT, "
-        "PHI3V_MCP_TOKEN, PHI3V_MCP_MAX_BODY_MB); see servers/README.md.",
+        "PHI3V_MCP_TOKEN, PHI3V_MCP_MAX_BODY_MB, PHI3V_MCP_SHUTDOWN_GRACE_S); see servers/README.md.",
     )
     parser.add_argument(
         "--transport",

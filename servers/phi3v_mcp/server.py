@@ -53,7 +53,15 @@ from phi3v_tools.tools import (
     Toolbox,
 )
 
-__all__ = ["AppContext", "BearerTokenMiddleware", "BodyLimitMiddleware", "create_server", "http_app", "run"]
+__all__ = [
+    "AppContext",
+    "BearerTokenMiddleware",
+    "BodyLimitMiddleware",
+    "DisconnectMiddleware",
+    "create_server",
+    "http_app",
+    "run",
+]
 
 logger = logging.getLogger("phi3v_mcp")
 
@@ -61,6 +69,7 @@ SERVER_NAME = "phi3v-tools"
 MCP_PATH = "/mcp"
 PROGRESS_INTERVAL_S = 0.25  # at most one progress notification per interval (plus the first one at once)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+CLIENT_GONE = "phi3v.client_gone"  # ASGI scope key: set when the client closes the HTTP request
 
 INSTRUCTIONS = """\
 Vision tools backed by a local Phi-3-vision model.
@@ -208,25 +217,55 @@ def create_server(settings: Settings, toolbox: Toolbox | None = None) -> MCPServ
 
 
 async def _call(ctx: AppCtx, start: Callable[[Toolbox, Callable[[str], None]], Awaitable[R]]) -> CallToolResult:
-    """Run one toolbox call with progress reporting; expected failures become ToolError."""
+    """Run one toolbox call with progress reporting; expected failures become ToolError.
+
+    The call stops (and the runner drops the request) when the client cancels it, or when the HTTP
+    connection that carries it closes: without an event store the answer could never be delivered.
+    """
     app = ctx.request_context.lifespan_context
     progress = _Progress(ctx)
-    pump = asyncio.get_running_loop().create_task(progress.pump())
-    try:
-        result = await start(app.toolbox, progress.on_text)
-    except Phi3VToolsError as exc:
-        raise ToolError(str(exc)) from None
-    except anyio.get_cancelled_exc_class():
-        # The client cancelled (notifications/cancelled) or went away: the runner drops the request too.
-        logger.info("request %s cancelled after %d characters; generation stopped", ctx.request_id, progress.chars)
-        raise
-    finally:
-        pump.cancel()  # not awaited: awaiting here could swallow a cancellation meant for this call
+    loop = asyncio.get_running_loop()
+    pump = loop.create_task(progress.pump())
+    gone = _client_gone(ctx)
+    with anyio.CancelScope() as scope:
+        watcher = loop.create_task(_cancel_when_set(gone, scope)) if gone is not None else None
+        try:
+            result = await start(app.toolbox, progress.on_text)
+        except Phi3VToolsError as exc:
+            raise ToolError(str(exc)) from None
+        except anyio.get_cancelled_exc_class():
+            # The client cancelled (notifications/cancelled) or went away: the runner drops the request too.
+            logger.info("request %s cancelled after %d characters; generation stopped", ctx.request_id, progress.chars)
+            raise
+        finally:
+            pump.cancel()  # not awaited: awaiting here could swallow a cancellation meant for this call
+            if watcher is not None:
+                watcher.cancel()
+    if scope.cancelled_caught:
+        logger.info(
+            "request %s: the client disconnected after %d characters; generation stopped",
+            ctx.request_id,
+            progress.chars,
+        )
+        raise ToolError("the client disconnected before the answer was ready")
     await progress.finish()
     return CallToolResult(
         content=[TextContent(type="text", text=_text(result))],
         structured_content=result.model_dump(mode="json"),
     )
+
+
+def _client_gone(ctx: AppCtx) -> anyio.Event | None:
+    """The event :class:`DisconnectMiddleware` sets when this call's HTTP request is closed by the client."""
+    request = ctx.request_context.request
+    scope = getattr(request, "scope", None)
+    event = scope.get(CLIENT_GONE) if isinstance(scope, dict) else None
+    return event if isinstance(event, anyio.Event) else None
+
+
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _text(result: ImageDescription | TextReading | ImageComparison | Answer) -> str:
@@ -358,6 +397,34 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class DisconnectMiddleware:
+    """Marks a POST whose client went away: sets ``scope[CLIENT_GONE]`` (an :class:`anyio.Event`).
+
+    With a session (the pre-2026 handshake), the SDK keeps running a tool call whose POST stream the client
+    closed, since the spec lets a client resume the stream from an event store. This server keeps no event
+    store, so such an answer can never be delivered: the tool call watches this event and stops (freeing its
+    place in the batch). Calls in the 2026 per-request mode are already cancelled by the SDK on disconnect.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        gone = anyio.Event()
+        scope[CLIENT_GONE] = gone
+
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            return message
+
+        await self.app(scope, watched, send)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -389,6 +456,7 @@ def http_app(server: MCPServer[AppContext], settings: Settings) -> ASGIApp:
         transport_security=transport_security(settings),
         host=settings.mcp_host,
     )
+    app = DisconnectMiddleware(app)
     app = BodyLimitMiddleware(app, max_bytes)
     if settings.mcp_token:
         app = BearerTokenMiddleware(app, settings.mcp_token)  # outermost: nothing is read before the token
@@ -437,7 +505,15 @@ def _run_http(server: MCPServer[AppContext], settings: Settings) -> None:
         MCP_PATH,
         " (bearer token required)" if settings.mcp_token else "",
     )
-    config = uvicorn.Config(http_app(server, settings), lifespan="on", log_level="info", server_header=False)
+    # On SIGTERM: stop accepting, let calls in flight finish for the grace period, then cancel them (the runner
+    # drops their requests) and exit. Without a bound, an open event stream would hold the process forever.
+    config = uvicorn.Config(
+        http_app(server, settings),
+        lifespan="on",
+        log_level="info",
+        server_header=False,
+        timeout_graceful_shutdown=max(1, round(settings.mcp_shutdown_grace_s)),
+    )
     sock = listening_socket(settings.mcp_host, settings.mcp_port)
     try:
         uvicorn.Server(config).run(sockets=[sock])

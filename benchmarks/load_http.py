@@ -1,6 +1,6 @@
 """Load on the MCP streamable-HTTP server: many clients at once, and a burst beyond the queue.
 
-    .venv/bin/python benchmarks/load_http.py [--clients 32] [--per-client 4] [--burst 96] [--queue 16]
+    .venv/bin/python benchmarks/load_http.py [--clients 32] [--per-client 4] [--burst 96] [--queue 32]
                                              [--out benchmarks/results/load_http.json]
 
 The server is the real one (``python -m phi3v_mcp --transport http``) in a subprocess on a free loopback
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=4)
     parser.add_argument("--burst", type=int, default=96)
-    parser.add_argument("--queue", type=int, default=16, help="the server's PHI3V_MAX_QUEUE")
+    parser.add_argument("--queue", type=int, default=32, help="the server's PHI3V_MAX_QUEUE (room for --clients)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: a tiny one, built here)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_http.json")

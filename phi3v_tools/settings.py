@@ -15,6 +15,8 @@ from phi3v_tools.images import ImagePolicy
 from phi3v_tools.model.checkpoint import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 
 ENV_PREFIX = "PHI3V_"
+
+
 @dataclass(frozen=True)
 class Settings:
     """How to load and run the model. Field ``x`` is read from ``PHI3V_X`` by :meth:`from_env`."""

@@ -83,3 +83,13 @@ def reference_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heavy variants run only when asked for: ``pytest -m heavy``."""
+    if "heavy" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a heavy variant: run it with `pytest -m heavy`")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +17,7 @@ from PIL import Image
 
 from phi3v_tools.errors import ImageError
 from phi3v_tools.images import ImagePolicy, decode_bytes
+from tests.hostile import png_header_claiming
 
 EXAMPLES = int(os.environ.get("PHI3V_FUZZ_EXAMPLES", "300"))
 POLICY = ImagePolicy(allowed_dirs=(), max_bytes=2 * 2**20, max_pixels=4_000_000)
@@ -34,16 +33,6 @@ def _seed(fmt: str, mode: str = "RGB", size: tuple[int, int] = (24, 16)) -> byte
 
 
 SEEDS = [_seed(f) for f in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")] + [_seed("PNG", "L"), _seed("TIFF", "L")]
-
-
-def _png_with_size(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` with a tiny (wrong) body: a forged-size bomb."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + header
-    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    data = zlib.compress(b"\x00" * 64)
-    idat = struct.pack(">I", len(data)) + b"IDAT" + data + struct.pack(">I", zlib.crc32(b"IDAT" + data))
-    return b"\x89PNG\r\n\x1a\n" + ihdr + idat + b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 @st.composite
@@ -86,6 +75,13 @@ def test_mutated_images_decode_or_fail_with_an_image_error(data: bytes) -> None:
     _check(data)
 
 
+@pytest.mark.heavy
+@settings(max_examples=20 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_heavy_many_more_mutated_images_decode_or_fail_with_an_image_error(data: bytes) -> None:
+    _check(data)
+
+
 @settings(max_examples=EXAMPLES // 3, deadline=None)
 @given(st.binary(max_size=4096))
 def test_arbitrary_bytes_decode_or_fail_with_an_image_error(data: bytes) -> None:
@@ -97,4 +93,4 @@ def test_arbitrary_bytes_decode_or_fail_with_an_image_error(data: bytes) -> None
 )
 def test_forged_png_sizes_are_refused_before_decoding(width: int, height: int) -> None:
     with pytest.raises(ImageError):
-        decode_bytes(_png_with_size(width, height), "a forged PNG", POLICY)
+        decode_bytes(png_header_claiming(width, height), "a forged PNG", POLICY)

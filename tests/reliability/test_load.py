@@ -2,7 +2,8 @@
 answers, a burst beyond the queue gets prompt "busy" errors, nothing is lost.
 
 The driver is benchmarks/load_http.py (which records the figures in benchmarks/results/load_http.json at a
-larger size). ``PHI3V_LOAD_CLIENTS`` scales this test (default 8 clients x 3 calls, a burst of 4x clients).
+larger size). ``PHI3V_LOAD_CLIENTS`` scales this test (default 8 clients x 3 calls, a burst of 4x clients);
+``pytest -m heavy`` adds a run at the benchmark's size.
 """
 
 from __future__ import annotations
@@ -48,3 +49,15 @@ def test_a_burst_beyond_the_queue_gets_prompt_busy_errors_and_every_call_exactly
     assert report.busy_latency_ms["max"] < report.latency_ms["p50"], (report.busy_latency_ms, report.latency_ms)
     after = anyio.run(load, server, 1, 1)
     assert after.outcomes == {"ok": 1}, "the server did not serve the call after the burst"
+
+
+@pytest.mark.heavy
+def test_heavy_32_clients_and_a_burst_of_128_keep_every_answer_once_and_their_own(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    env = {"PHI3V_MAX_QUEUE": "32", "PHI3V_MAX_NEW_TOKENS": "16"}
+    with mcp_http_server(str(tiny_dir), tmp_path / "server.log", **env) as (_process, url):
+        steady = anyio.run(load, url, 32, 4)
+        peak = anyio.run(burst, url, 128)
+    assert steady.answered_once and steady.outcomes == {"ok": 128}, steady.outcomes
+    assert peak.answered_once and set(peak.outcomes) <= {"ok", "busy"}, peak.outcomes

@@ -112,6 +112,44 @@ def test_a_client_that_disconnects_mid_generation_frees_its_slot_and_the_next_ca
     assert not result.is_error, _text(result)
 
 
+MALFORMED = {
+    "empty": b"",
+    "not-json": b"not json",
+    "deeply-nested-array": b"[" * 100_000,
+    "deeply-nested-object": b'{"a":' * 50_000,
+    "invalid-utf8": b'{"jsonrpc":"2.0","id":1,"method":"\xff\xfe"}',
+    "batch": b'[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]',
+    "huge-integer-id": b'{"jsonrpc":"2.0","id":' + b"9" * 100_000 + b',"method":"tools/list"}',
+    "no-method": b'{"jsonrpc":"2.0","id":1}',
+    "null": b"null",
+    "tool-call-without-a-session": b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+    b'"params":{"name":"describe_image","arguments":{"image":"/etc/passwd"}}}',
+}
+
+
+def test_malformed_http_requests_get_4xx_answers_and_the_server_keeps_serving(
+    served: tuple[Settings, Runner, Toolbox], sample_images: dict[str, Path]
+) -> None:
+    settings, _runner, toolbox = served
+    with http_server(settings, toolbox) as url:
+        with httpx2.Client(timeout=30) as http:
+            statuses = {
+                name: http.post(url, content=body, headers=POST_HEADERS).status_code for name, body in MALFORMED.items()
+            }
+            statuses["wrong-content-type"] = http.post(
+                url, content=MALFORMED["batch"], headers={**POST_HEADERS, "content-type": "text/plain"}
+            ).status_code
+            statuses["put"] = http.put(url, content=b"{}").status_code
+        assert all(400 <= status < 500 for status in statuses.values()), statuses
+
+        async def good_call() -> Any:
+            async with http_client(url, None) as client:
+                return await client.call_tool("describe_image", {"image": str(sample_images["chart"])})
+
+        result = anyio.run(good_call)
+    assert not result.is_error, _text(result)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Failures inside the model
 

@@ -40,8 +40,9 @@ def fake_toolbox(folder: Path) -> Toolbox:
 
 def serve_fake_stdio(folder: Path) -> None:
     """The MCP server over stdio with the fake backend (run in a subprocess by the benchmark)."""
-    from phi3v_mcp.server import create_server
+    from phi3v_mcp.server import configure_logging, create_server
 
+    configure_logging()  # as `phi3v-tools mcp` does
     create_server(Settings(model="fake", allowed_dirs=(folder,)), fake_toolbox(folder)).run("stdio")
 
 
@@ -72,8 +73,9 @@ async def time_async(call: Callable[[], Awaitable[Any]], calls: int) -> float:
 async def mcp_figures(folder: Path, image: str, calls: int) -> dict[str, float]:
     import uvicorn
     from mcp import Client, StdioServerParameters
-    from phi3v_mcp.server import create_server, http_app, listening_socket
+    from phi3v_mcp.server import configure_logging, create_server, http_app, listening_socket
 
+    configure_logging()  # as `phi3v-tools mcp` does; the in-process client's request logs are then not formatted
     args = {"image": image, "detail": "brief"}
     settings = Settings(model="fake", allowed_dirs=(folder,))
     out: dict[str, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -461,3 +462,22 @@ def test_http_connections_send_small_writes_at_once() -> None:
     finally:
         for sock in (accepted, client, listener):
             sock.close()
+
+
+def test_the_server_process_logs_plainly_to_stderr_and_keeps_library_chatter_out() -> None:
+    """The SDK would put a rich handler at INFO on the root logger (~4 ms per record); the server's own
+    set-up comes first, so there is one plain stderr handler at WARNING and phi3v's loggers at INFO."""
+    script = (
+        "import logging\n"
+        "from phi3v_mcp.server import configure_logging, create_server\n"
+        "from phi3v_tools.settings import Settings\n"
+        "configure_logging()\n"
+        "create_server(Settings(model='tiny'))\n"
+        "root = logging.getLogger()\n"
+        "print([type(h).__name__ for h in root.handlers], root.level, logging.getLogger('phi3v_mcp').level)\n"
+        "logging.getLogger('httpx').info('not shown')\n"
+        "logging.getLogger('phi3v_mcp').info('shown')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["['StreamHandler']", str(logging.WARNING), str(logging.INFO)]
+    assert "shown" in done.stderr and "not shown" not in done.stderr

@@ -24,6 +24,7 @@ import hmac
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -474,6 +475,7 @@ def run(settings: Settings, transport: str = "stdio") -> None:
         raise ValueError(f"unknown transport {transport!r}; use 'stdio' or 'http'")
     from phi3v_tools.runner import get_runner
 
+    configure_logging()
     # Load the model before serving: a start-up failure is then one clear error, not an HTTP lifespan traceback.
     # The server's lifespan gets this same runner from get_runner (one per model per process).
     get_runner(settings)
@@ -487,6 +489,24 @@ def run(settings: Settings, transport: str = "stdio") -> None:
         from phi3v_tools.runner import close_runners
 
         close_runners()
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Plain logging to stderr for a server process: phi3v's loggers at ``level``, libraries at WARNING.
+
+    Runs before the MCPServer is built, which makes the SDK's own set-up a no-op: that puts a rich handler
+    on the root logger at INFO, which takes about 4 ms to format one record (measured: per HTTP request
+    of an in-process client, 40 % of the HTTP surface's overhead). Does nothing to a root logger that the
+    embedding application has already configured.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)  # stdout belongs to the stdio transport
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    for name in ("phi3v_mcp", "phi3v_tools"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _run_http(server: MCPServer[AppContext], settings: Settings) -> None:

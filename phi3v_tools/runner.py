@@ -175,9 +175,34 @@ class _Row:
     prepared: _Prepared
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
-    streamed: str = ""
+    text: TextDeltas | None = None  # streaming: the text pieces not yet sent
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+
+
+class TextDeltas:
+    """The new text of a growing token sequence, decoding a short window instead of the whole sequence.
+
+    Decoding all tokens at every step costs O(n) per token (0.5 ms at 1000 tokens with Phi-3's tokenizer,
+    per streaming row, on the worker thread that drives the GPU). Like TGI and vLLM, this decodes from a
+    few tokens back (``prefix``) to the end and sends what goes beyond the text of the window's known
+    part: the earlier tokens give the right leading space, and a piece that ends in half a UTF-8
+    character waits for the rest.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._prefix = 0  # the window starts here
+        self._read = 0  # tokens before this have been sent
+
+    def push(self, tokens: list[int]) -> str:
+        """The text that ``tokens`` (the whole sequence so far) adds to what was returned before."""
+        known = self._decode(tokens[self._prefix : self._read])
+        text = self._decode(tokens[self._prefix :])
+        if len(text) <= len(known) or text.endswith("\ufffd"):
+            return ""  # nothing new yet (a special token), or half a UTF-8 character so far
+        self._prefix, self._read = self._read, len(tokens)
+        return text[len(known) :]
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -578,10 +603,11 @@ class Runner:
         return str(self.processor.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def _stream(self, row: _Row) -> None:
-        text = self._text(row.tokens)
-        if text.endswith("\ufffd") or len(text) <= len(row.streamed):
-            return  # half a UTF-8 character so far, or nothing new
-        delta, row.streamed = text[len(row.streamed) :], text
+        if row.text is None:
+            row.text = TextDeltas(self._text)
+        delta = row.text.push(row.tokens)
+        if not delta:
+            return
         on_text = row.prepared.handle.request.on_text
         try:
             if on_text is not None:

@@ -26,8 +26,9 @@ from phi3v_tools.errors import (
 )
 from phi3v_tools.feature_cache import CachedFeatures, FeatureCache, image_digest
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
-from phi3v_tools.runner import GenerationRequest, Runner, get_runner
+from phi3v_tools.runner import GenerationRequest, Runner, TextDeltas, get_runner
 from phi3v_tools.settings import Settings
+from tests.conftest import REFERENCE, needs_reference
 
 
 def picture(seed: int, size: tuple[int, int] = (300, 200)) -> Image.Image:
@@ -389,3 +390,54 @@ def test_leaving_a_stream_early_cancels_its_request(own_runner: Any) -> None:
     settled = runner.decode_steps
     time.sleep(0.3)
     assert runner.decode_steps == settled < 1000
+
+
+SAMPLES = [
+    "Hello there, how are you today?",
+    "  leading spaces, trailing spaces  \n\nand blank lines\n",
+    "Prix : 12,50 € — déjà vu, naïve café; Straße; ½ teaspoon",
+    "日本語のテキストと中文字符，还有한국어 문장.",
+    'emoji 🎉🚀👩‍👩‍👧 and symbols ∑∫√ and <tags> {"json": [1, 2.5, null]}',
+    "def f(x):\n    return x ** 2  # code\n\t\ttabs",
+]
+
+
+def _deltas(tokenizer: Any, text: str) -> tuple[list[str], str]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextDeltas(lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True))
+    pieces = [stream.push(ids[: n + 1]) for n in range(len(ids))]
+    return pieces, tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_incremental_text_pieces_add_up_to_the_full_decode_with_the_tiny_tokenizer(
+    tiny_processor: Phi3VProcessor, text: str
+) -> None:
+    pieces, full = _deltas(tiny_processor.tokenizer, text)
+    assert "".join(pieces) == full
+    assert all("\ufffd" not in piece for piece in pieces)  # never half a character
+
+
+@needs_reference
+@pytest.mark.parametrize("text", SAMPLES)
+def test_incremental_text_pieces_add_up_to_the_full_decode_with_the_official_tokenizer(text: str) -> None:
+    from phi3v_tools.model.processing import load_tokenizer
+
+    tokenizer = load_tokenizer(REFERENCE / "phi-3-vision-128k-instruct")
+    pieces, full = _deltas(tokenizer, text + " <|end|>")  # a special token at the end is skipped
+    assert "".join(pieces) == full
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_incremental_decoding_reads_a_short_window_not_the_whole_sequence(tiny_processor: Phi3VProcessor) -> None:
+    decoded: list[int] = []
+
+    def decode(tokens: list[int]) -> str:
+        decoded.append(len(tokens))
+        return str(tiny_processor.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    ids = tiny_processor.tokenizer(" ".join(["word"] * 400), add_special_tokens=False)["input_ids"]
+    stream = TextDeltas(decode)
+    for n in range(len(ids)):
+        stream.push(ids[: n + 1])
+    assert len(ids) >= 400 and max(decoded) <= 8, max(decoded)

@@ -80,6 +80,17 @@ def reference_dir() -> Path:
     return REFERENCE
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (then the previous count): the tiny model is no faster on more, and on a
+    shared machine idle-spinning OpenMP threads make it many times slower. Subprocesses get OMP_NUM_THREADS=1.
+    Use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

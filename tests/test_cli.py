@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner, Result
 from pydantic import BaseModel
 
@@ -33,15 +32,7 @@ PLAYERS = '{"type": "object", "properties": {"players": {"type": "integer"}}, "r
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STOCK = "Could you please introduce this stock to me?"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread (then the previous count): the tiny model is no faster on more, and on a shared
-    machine idle-spinning OpenMP threads make it many times slower. Subprocesses get OMP_NUM_THREADS=1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from phi3v_tools.settings import Settings
 from phi3v_tools.tools import Answer, ImageComparison, ImageDescription, TextReading, Toolbox
 from tests.mcp_http import http_client, http_server
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = {
@@ -42,17 +41,6 @@ COUNT_SCHEMA = {"type": "object", "properties": {"count": {"type": "integer"}}, 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny model decodes fastest on one thread; on a busy 2-core machine two threads are ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -194,38 +182,41 @@ async def test_progress_notifications_arrive_while_the_model_generates(
     assert all(message and "generating" in message for _, _, message in seen)
 
 
-async def test_cancelling_a_call_from_the_client_stops_generation_and_the_server_serves_the_next_call(
-    settings: Settings, tiny_toolbox: Toolbox, tiny_runner: Runner, sample_images: dict[str, Path]
-) -> None:
+async def _cancel_a_long_call_then_call_again(client: Client, runner: Runner, chart: str) -> CallToolResult:
+    """Start a rambling call, cancel it once it generates, check that decoding stopped; then a normal call."""
     generating = anyio.Event()
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         generating.set()
 
-    chart = str(sample_images["chart"])
+    async with anyio.create_task_group() as tasks:
+
+        async def long_call() -> None:  # no schema: the tiny model rambles up to its 500-token budget
+            await client.call_tool(
+                "ask_images",
+                {"images": [chart], "question": "Tell me a very long story."},
+                progress_callback=on_progress,
+            )
+            pytest.fail("the long call finished before it was cancelled")
+
+        tasks.start_soon(long_call)
+        with anyio.fail_after(60):
+            await generating.wait()
+        started = runner.decode_steps
+        tasks.cancel_scope.cancel()
+    await anyio.sleep(0.5)  # the runner drops the request before its next decode step
+    stopped = runner.decode_steps
+    await anyio.sleep(0.5)
+    assert runner.decode_steps == stopped, "generation went on after the cancellation"
+    assert stopped - started < 400, "the cancelled request ran to (nearly) its full budget"
+    return await client.call_tool("describe_image", {"image": chart, "detail": "brief"})
+
+
+async def test_cancelling_a_call_from_the_client_stops_generation_and_the_server_serves_the_next_call(
+    settings: Settings, tiny_toolbox: Toolbox, tiny_runner: Runner, sample_images: dict[str, Path]
+) -> None:
     async with Client(create_server(settings, tiny_toolbox)) as client:
-        async with anyio.create_task_group() as tasks:
-
-            async def long_call() -> None:  # no schema: the tiny model rambles up to its 500-token budget
-                await client.call_tool(
-                    "ask_images",
-                    {"images": [chart], "question": "Tell me a very long story."},
-                    progress_callback=on_progress,
-                )
-                pytest.fail("the long call finished before it was cancelled")
-
-            tasks.start_soon(long_call)
-            with anyio.fail_after(60):
-                await generating.wait()
-            started = tiny_runner.decode_steps
-            tasks.cancel_scope.cancel()
-        await anyio.sleep(0.5)  # the runner drops the request before its next decode step
-        stopped = tiny_runner.decode_steps
-        await anyio.sleep(0.5)
-        assert tiny_runner.decode_steps == stopped, "generation went on after the cancellation"
-        assert stopped - started < 400, "the cancelled request ran to (nearly) its full budget"
-
-        result = await client.call_tool("describe_image", {"image": chart, "detail": "brief"})
+        result = await _cancel_a_long_call_then_call_again(client, tiny_runner, str(sample_images["chart"]))
     assert not result.is_error, text_of(result)
 
 
@@ -239,7 +230,7 @@ def _server_env(tiny_dir: Path, folder: Path) -> dict[str, str]:
         "PHI3V_ALLOWED_DIRS": str(folder),
         "PHI3V_ALLOW_URLS": "false",
         "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",  # see _one_torch_thread
+        "OMP_NUM_THREADS": "1",  # see the one_torch_thread fixture
         "COLUMNS": "200",  # the server's log lines unwrapped
     }
 
@@ -348,34 +339,9 @@ async def test_http_without_a_token_serves_loopback_clients(
 async def test_http_cancelling_a_call_aborts_the_request_and_the_server_stops_generation(
     settings: Settings, tiny_toolbox: Toolbox, tiny_runner: Runner, sample_images: dict[str, Path]
 ) -> None:
-    generating = anyio.Event()
-
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        generating.set()
-
-    chart = str(sample_images["chart"])
     with http_server(settings, tiny_toolbox) as url, anyio.fail_after(120):
         async with http_client(url, None) as client:
-            async with anyio.create_task_group() as tasks:
-
-                async def long_call() -> None:
-                    await client.call_tool(
-                        "ask_images",
-                        {"images": [chart], "question": "Tell me a very long story."},
-                        progress_callback=on_progress,
-                    )
-                    pytest.fail("the long call finished before it was cancelled")
-
-                tasks.start_soon(long_call)
-                await generating.wait()
-                started = tiny_runner.decode_steps
-                tasks.cancel_scope.cancel()
-            await anyio.sleep(0.5)
-            stopped = tiny_runner.decode_steps
-            await anyio.sleep(0.5)
-            assert tiny_runner.decode_steps == stopped, "generation went on after the cancellation"
-            assert stopped - started < 400, "the cancelled request ran to (nearly) its full budget"
-            result = await client.call_tool("describe_image", {"image": chart, "detail": "brief"})
+            result = await _cancel_a_long_call_then_call_again(client, tiny_runner, str(sample_images["chart"]))
     assert not result.is_error, text_of(result)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from phi3v_tools import images as images_module
 from phi3v_tools.images import HANDLE_PREFIX, ImagePolicy
 from tests.hostile import (
     HTML,
@@ -158,12 +159,7 @@ FAKE_DNS = {
 
 def _resolver(host: str, port: int) -> list[str]:
     """A fixed DNS for the corpus's host names; anything else goes to the system resolver (numeric forms)."""
-    import socket
-
-    if host.lower() in FAKE_DNS:
-        return FAKE_DNS[host.lower()]
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
+    return FAKE_DNS.get(host.lower()) or images_module._system_resolver(host, port)
 
 
 def _silent(seconds: float) -> Callable[[RecordingHandler], None]:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -49,12 +50,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileEnv]:
 
 @pytest.fixture(scope="module")
 def surfaces(
-    env: HostileEnv, tiny_model: Phi3VForCausalLM, tiny_processor: Phi3VProcessor, tiny_dir: Path
+    one_torch_thread: None,
+    env: HostileEnv,
+    tiny_model: Phi3VForCausalLM,
+    tiny_processor: Phi3VProcessor,
+    tiny_dir: Path,
 ) -> Iterator[dict[str, Any]]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model decodes fastest on one thread
     settings = Settings(model=str(tiny_dir), max_new_tokens=16, batch_window_ms=1, allowed_dirs=(env.allowed,))
     runner = Runner(tiny_model, tiny_processor, settings)
     toolbox = Toolbox(runner, env.policy())
@@ -69,7 +70,6 @@ def surfaces(
             }
     finally:
         runner.close()
-        torch.set_num_threads(threads)
 
 
 def _good_call(surface: Any, env: HostileEnv) -> None:
@@ -109,7 +109,7 @@ def test_a_hostile_input_gets_a_clear_answer_touches_nothing_forbidden_and_the_s
     forbidden = {os.path.realpath(p) for p in env.forbidden_files}
     opened = {os.path.realpath(p) for p in watch.opened if not p.startswith(("/usr", str(Path.home() / ".cache")))}
     assert not opened & forbidden, f"forbidden files were opened: {opened & forbidden}"
-    allowed_peers = {("127.0.0.1", env.web.port), ("127.0.0.1", _port(surfaces["url"]))}
+    allowed_peers = {("127.0.0.1", env.web.port), ("127.0.0.1", urlsplit(surfaces["url"]).port)}
     strays = [peer for peer in watch.connected if _peer(peer) not in allowed_peers]
     assert not strays, f"connections to refused addresses: {strays}"
     assert env.internal.requests == [], "the internal service was contacted"
@@ -118,10 +118,6 @@ def test_a_hostile_input_gets_a_clear_answer_touches_nothing_forbidden_and_the_s
         assert not reached, "a refused URL was fetched through the trusted server"
 
     _good_call(surface, env)
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def _peer(address: Any) -> tuple[str, int] | None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -175,20 +175,30 @@ def test_an_injected_cuda_out_of_memory_fails_the_call_with_a_hint_and_the_serve
     served: tuple[Settings, Runner, Toolbox], sample_images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, runner, toolbox = served
-    language_model = runner.model.language_model
-    original = language_model.forward
-    calls = {"n": 0}
-
-    def every_other_call_runs_out_of_memory(*args: Any, **kwargs: Any) -> Any:
-        if _is_prefill(kwargs):
-            calls["n"] += 1
-            if calls["n"] % 2 == 1:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(language_model, "forward", every_other_call_runs_out_of_memory)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    _fail_every_other_call(runner.model.language_model, oom, monkeypatch, counted=_is_prefill)
     results = _call_twice_over_both_transports(settings, toolbox, str(sample_images["chart"]))
     _assert_each_fault_failed_one_call_and_the_next_was_served(results, "memory", "num_crops")
+
+
+def _fail_every_other_call(
+    module: torch.nn.Module,
+    error: BaseException,
+    monkeypatch: pytest.MonkeyPatch,
+    counted: Callable[[dict[str, Any]], bool] = lambda _kwargs: True,
+) -> None:
+    """``module.forward`` raises ``error`` on its 1st, 3rd, 5th... counted call and runs normally otherwise."""
+    original = module.forward
+    calls = {"n": 0}
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if counted(kwargs):
+            calls["n"] += 1
+            if calls["n"] % 2 == 1:
+                raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", forward)
 
 
 def _is_prefill(kwargs: dict[str, Any]) -> bool:
@@ -200,17 +210,7 @@ def test_an_exception_inside_the_vision_tower_fails_the_call_cleanly_and_the_ser
     served: tuple[Settings, Runner, Toolbox], sample_images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, runner, toolbox = served
-    tower = runner.model.vision_tower
-    original = tower.forward
-    calls = {"n": 0}
-
-    def every_other_call_fails(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] % 2 == 1:
-            raise RuntimeError("injected: illegal memory access")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tower, "forward", every_other_call_fails)
+    _fail_every_other_call(runner.model.vision_tower, RuntimeError("injected: illegal memory access"), monkeypatch)
     runner.feature_cache.clear()  # every call must reach the tower
     monkeypatch.setattr(runner.feature_cache, "put", lambda *args, **kwargs: None)
     results = _call_twice_over_both_transports(settings, toolbox, str(sample_images["scene_a"]))

@@ -6,6 +6,19 @@ event loop (``await runner.generate(req)`` or ``runner.generate_sync(req)``); re
 condition, token budget, sampling seed and JSON-schema grammar; a finished, cancelled or timed-out row
 leaves the batch at the next step. A row's greedy tokens do not depend on its batch companions.
 
+Shared means isolated: one request's work cannot stall or fail another's.
+
+- Everything a caller controls is checked at :meth:`Runner.submit`, on the caller's thread, before the
+  request is admitted: message roles and text, sizes, and the output schema (checked, bounded, analysed
+  and compiled to a grammar, :func:`~phi3v_tools.structured.prepare_schema`).
+- On the worker, a failure in one row's work (its grammar, its tokens, its streaming listener) fails that
+  row alone; a failure of a whole step (the model, out of memory) re-runs the batch in halves so the rows
+  it did not come from still get their answers (their greedy/seeded tokens are the same alone).
+- A finished row's output (detokenizing, closing and validating JSON, all bounded) is processed on a
+  small thread pool, never on the thread that drives the model.
+- A caller waits at most until its deadline (plus a short grace): if the engine is stuck, the caller gets
+  a :class:`~phi3v_tools.errors.RequestTimeoutError` and the request is cancelled.
+
 The runner knows nothing of tools or frameworks: it turns chat messages + images (+ a JSON schema) into
 text (+ a parsed object), token counts and timings.
 """
@@ -37,25 +50,20 @@ from phi3v_tools.errors import (
     RequestTimeoutError,
 )
 from phi3v_tools.feature_cache import CachedFeatures, FeatureCache, image_digest
+from phi3v_tools.grammar import GrammarCompiler, JsonConstraint
 from phi3v_tools.model.config import STOP_TOKEN_IDS
 from phi3v_tools.model.generation import BatchDecoder
 from phi3v_tools.model.image_processing import CROP_SIZE, num_image_tokens_for_grid, preprocess_image
 from phi3v_tools.model.modeling import Phi3VForCausalLM
-from phi3v_tools.model.processing import IMAGE_TAG, Phi3VProcessor
+from phi3v_tools.model.processing import CHAT_ROLES, IMAGE_TAG, Phi3VProcessor
 from phi3v_tools.settings import Settings
-from phi3v_tools.structured import (
-    GrammarCompiler,
-    JsonConstraint,
-    bound_schema,
-    check_schema,
-    complete_json,
-    schema_prompt,
-    validate,
-)
+from phi3v_tools.structured import OutputSchema, SchemaLimits, prepare_schema
 
 logger = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
 DEFAULT_MAX_NEW_TOKENS = 512
+WATCHDOG_GRACE_S = 2.0  # a caller gives up this long after its deadline if the engine has not answered
+OUTPUT_THREADS = 2  # threads that turn finished rows into results
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,12 +128,15 @@ class GenerationResult:
 class RequestHandle:
     """A submitted request: its future, and a way to cancel it."""
 
-    def __init__(self, request: GenerationRequest, deadline: float) -> None:
+    def __init__(self, request: GenerationRequest, deadline: float, schema: OutputSchema | None = None) -> None:
         self.request = request
         self.deadline = deadline
+        self.schema = schema  # the request's output schema, checked and prepared at submission
         self.submitted = time.perf_counter()
         self.started = self.submitted  # when its batch began
         self.future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
+        self.finishing = False  # its tokens are complete and its result is being made (off the worker)
+        self.streamed = 0  # characters already sent to on_text (a re-run after a failed step skips them)
         self._cancelled = threading.Event()
 
     @property
@@ -148,6 +159,35 @@ class RequestHandle:
         if not self.future.done():
             self.future.set_result(result)
 
+    @property
+    def pending(self) -> bool:
+        """Still to be decoded: neither answered nor being finished."""
+        return not self.future.done() and not self.finishing
+
+    def wait(self) -> GenerationResult:
+        """The result, waiting at most until the deadline plus a grace period (then cancelled, timed out)."""
+        try:
+            return self.future.result(timeout=max(self.deadline - time.perf_counter(), 0.0) + WATCHDOG_GRACE_S)
+        except concurrent.futures.TimeoutError:
+            self.cancel()
+            raise self._timed_out() from None
+
+    async def wait_async(self) -> GenerationResult:
+        """:meth:`wait` for an event loop; cancelling the awaiting task cancels the request."""
+        remaining = max(self.deadline - time.perf_counter(), 0.0) + WATCHDOG_GRACE_S
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.future), remaining)
+        except asyncio.TimeoutError:
+            self.cancel()
+            raise self._timed_out() from None
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def _timed_out(self) -> RequestTimeoutError:
+        logger.warning("a request got no answer %.1f s after its deadline; it was cancelled", WATCHDOG_GRACE_S)
+        return RequestTimeoutError("the request timed out: the model did not answer within its time limit")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-request preparation
@@ -163,7 +203,6 @@ class _Prepared:
     preprocess_s: float
     vision_s: float
     constraint: JsonConstraint | None
-    schema: dict[str, Any] | None
 
     @property
     def budget(self) -> int:
@@ -176,6 +215,7 @@ class _Row:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     text: TextDeltas | None = None  # streaming: the text pieces not yet sent
+    produced: int = 0  # characters of streamed text this attempt has produced
     first_token_at: float = 0.0
     last_token_at: float = 0.0
 
@@ -207,6 +247,31 @@ class TextDeltas:
 
 def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+def _check_messages(messages: Any, max_chars: int) -> None:
+    """Roles, text and size of a request's messages, before anything tokenizes them."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise PromptError("a request needs at least one message (a list of {'role': ..., 'content': ...})")
+    total = 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise PromptError(f"message {i + 1} is a {type(message).__name__}, not a {{'role', 'content'}} dict")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise PromptError(f"message {i + 1} has role {str(role)[:40]!r}; use one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise PromptError(f"message {i + 1}'s content is a {type(content).__name__}, not text")
+        total += len(content)
+        if total > max_chars:
+            raise PromptError(f"the messages have more than {max_chars} characters; shorten them")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PromptError(
+                f"message {i + 1} is not valid Unicode text: a lone surrogate {content[exc.start]!r} at character "
+                f"{exc.start}; send UTF-8 text"
+            ) from None
 
 
 def _with_image_tags(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:
@@ -256,11 +321,13 @@ class Runner:
             cache_mb = 2048 if model.device.type == "cuda" else 512
         self.feature_cache = FeatureCache(cache_mb * 2**20)
         self.stop_ids = list(STOP_TOKEN_IDS)
+        self.schema_limits = SchemaLimits(max_bytes=settings.max_schema_bytes, max_string=settings.max_schema_string)
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=settings.max_queue)
         self._carry: deque[RequestHandle] = deque()
         self._closed = threading.Event()
+        self._outputs = concurrent.futures.ThreadPoolExecutor(OUTPUT_THREADS, thread_name_prefix="phi3v-output")
         self.decode_steps = 0  # forward passes after prefill, over the runner's life
         self.batches = 0
         self._worker = threading.Thread(target=self._work, name="phi3v-runner", daemon=True)
@@ -305,18 +372,25 @@ class Runner:
     # -- submitting ---------------------------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request; BusyError at once when the queue is full."""
+        """Check and queue a request; PromptError for what it asks wrongly, BusyError at once when the queue is full.
+
+        Everything the caller controls is checked here, on the caller's thread (with an output schema this
+        takes up to a few milliseconds: its grammar is compiled here, or found in the cache).
+        """
         if self._closed.is_set():
             raise GenerationError("the runner is closed")
-        cap = self.settings.max_new_tokens  # an upper bound: longer requests are shortened, not refused
-        wanted = request.max_new_tokens if request.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
-        if wanted >= 1 and wanted != min(wanted, cap):
-            request = replace(request, max_new_tokens=cap)
-        elif request.max_new_tokens is None:
-            request = replace(request, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, cap))
+        wanted = request.max_new_tokens
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > self.settings.max_new_tokens:
+            request = replace(request, max_new_tokens=self.settings.max_new_tokens)  # shortened, not refused
+        elif wanted is None:
+            request = replace(request, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
         self._check_limits(request)
+        schema = None
+        if request.json_schema is not None:
+            schema = prepare_schema(request.json_schema, self.schema_limits)
+            self.grammars.grammar(schema.bounded)  # compiled (and cached) now: a grammar error is the caller's
         timeout = request.timeout_s if request.timeout_s is not None else self.settings.request_timeout_s
-        handle = RequestHandle(request, time.perf_counter() + timeout)
+        handle = RequestHandle(request, time.perf_counter() + timeout, schema)
         try:
             self._queue.put_nowait(handle)
         except queue.Full:
@@ -327,20 +401,18 @@ class Runner:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run a request without blocking the event loop; cancelling the awaiting task cancels the request."""
-        handle = self.submit(request)
-        try:
-            return await asyncio.wrap_future(handle.future)
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
+        if request.json_schema is not None:  # checking and compiling a schema is CPU work: not on the loop
+            handle = await asyncio.to_thread(self.submit, request)
+        else:
+            handle = self.submit(request)
+        return await handle.wait_async()
 
     def stream(self, request: GenerationRequest) -> TextStream:
         """``async for piece in runner.stream(req)``: the answer's text as it is generated; then ``.result``."""
         return TextStream(self, request)
 
     def generate_sync(self, request: GenerationRequest) -> GenerationResult:
-        handle = self.submit(request)
-        return handle.future.result()
+        return self.submit(request).wait()
 
     def close(self) -> None:
         """Stop the worker; waiting requests fail with CancelledError."""
@@ -353,19 +425,19 @@ class Runner:
                 break
         for handle in self._carry:
             handle.fail(CancelledError("the runner was closed"))
+        self._outputs.shutdown(wait=False, cancel_futures=True)
 
     def _check_limits(self, request: GenerationRequest) -> None:
         s = self.settings
         if len(request.images) > s.max_images:
             raise PromptError(f"{len(request.images)} images given; at most {s.max_images} per request")
-        if request.max_new_tokens is None or not 1 <= request.max_new_tokens <= s.max_new_tokens:
-            raise PromptError(f"max_new_tokens must be between 1 and {s.max_new_tokens}, got {request.max_new_tokens}")
-        if request.num_crops is not None and not 1 <= request.num_crops <= 16:
-            raise PromptError(f"num_crops must be between 1 and 16, got {request.num_crops}")
-        if not request.messages:
-            raise PromptError("a request needs at least one message")
-        if request.json_schema is not None:
-            check_schema(request.json_schema)
+        wanted = request.max_new_tokens
+        if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= s.max_new_tokens:
+            raise PromptError(f"max_new_tokens must be between 1 and {s.max_new_tokens}, got {wanted!r}")
+        crops = request.num_crops
+        if crops is not None and (not isinstance(crops, int) or isinstance(crops, bool) or not 1 <= crops <= 16):
+            raise PromptError(f"num_crops must be between 1 and 16, got {crops!r}")
+        _check_messages(request.messages, s.max_prompt_chars)
 
     # -- the worker ---------------------------------------------------------------------------------------------------
 
@@ -422,7 +494,7 @@ class Runner:
         if current:
             groups.append(current)
         for group in groups:
-            self._decode_with_oom_retry(group)
+            self._decode_with_retry(group)
 
     def _still_wanted(self, handle: RequestHandle) -> bool:
         handle.started = time.perf_counter()
@@ -463,17 +535,14 @@ class Runner:
             vision_s = time.perf_counter() - started
         ready = [e for e in entries if e is not None]
         messages = _with_image_tags(request.messages, len(request.images))
-        schema = None
         constraint = None
-        if request.json_schema is not None:
-            schema = bound_schema(request.json_schema)
+        if handle.schema is not None:
             last = dict(messages[-1])
-            last["content"] = f"{last['content']}\n\n{schema_prompt(request.json_schema)}"
+            last["content"] = f"{last['content']}\n\n{handle.schema.prompt}"
             messages = [*messages[:-1], last]
-            constraint = self.grammars.matcher(schema)
-        prompt = self.processor.apply_chat_template(messages)
+            constraint = self.grammars.matcher(handle.schema.bounded)
         tokens = [num_image_tokens_for_grid(*e.grid) for e in ready]
-        ids = self.processor.prompt_ids(prompt, tokens)
+        ids = self.processor.chat_ids(messages, tokens)  # contents are text: no caller writes control tokens
         if len(ids) + handle.max_new_tokens > self.settings.max_context:
             raise PromptError(
                 f"the prompt takes {len(ids)} tokens ({sum(tokens)} for images) and max_new_tokens is "
@@ -481,34 +550,43 @@ class Runner:
                 "smaller-num_crops images, or a shorter answer"
             )
         return _Prepared(
-            handle, ids, [e.features for e in ready], sum(tokens), cached, preprocess_s, vision_s, constraint, schema
+            handle, ids, [e.features for e in ready], sum(tokens), cached, preprocess_s, vision_s, constraint
         )
 
-    def _decode_with_oom_retry(self, group: list[_Prepared]) -> None:
+    def _decode_with_retry(self, group: list[_Prepared]) -> None:
+        """Decode a group; when a whole step fails, re-run its unfinished rows in halves, down to one row.
+
+        A re-run row gets the same tokens as before (greedy and seeded sampling do not depend on the batch),
+        and streaming skips the text it already sent. Only the row a failure comes from fails.
+        """
         try:
             self._decode(group)
+            return
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if len(group) == 1:
-                group[0].handle.fail(
-                    OutOfMemoryError(
-                        f"out of accelerator memory for one request ({len(group[0].ids)} prompt tokens); use fewer "
-                        "images, a smaller num_crops or a smaller max_new_tokens"
-                    )
-                )
-                return
-            logger.warning("out of memory with a batch of %d; splitting it", len(group))
-            half = len(group) // 2
-            for part in (group[:half], group[half:]):
-                for p in part:
-                    if p.constraint is not None:
-                        p.constraint.matcher.reset()
-                self._decode_with_oom_retry(part)
+            failure: Phi3VToolsError = OutOfMemoryError(
+                f"out of accelerator memory for one request ({len(group[0].ids)} prompt tokens); use fewer "
+                "images, a smaller num_crops or a smaller max_new_tokens"
+            )
+            what = "out of memory"
         except Exception as exc:
-            logger.exception("a batch failed")
-            for p in group:
-                p.handle.fail(GenerationError(f"internal error while generating: {exc}"))
+            logger.exception("a decoding step failed for a batch of %d", len(group))
+            failure = GenerationError(f"internal error while generating: {exc}")
+            what = "a step failed"
+        group = [p for p in group if p.handle.pending]
+        if len(group) == 1:
+            group[0].handle.fail(failure)
+            return
+        if not group:
+            return
+        logger.warning("%s with a batch of %d; re-running it in halves", what, len(group))
+        half = len(group) // 2
+        for part in (group[:half], group[half:]):
+            for p in part:
+                if p.constraint is not None:
+                    p.constraint.matcher.reset()
+            self._decode_with_retry(part)
 
     def _decode(self, group: list[_Prepared]) -> None:
         device = self.model.device
@@ -536,7 +614,7 @@ class Runner:
                 keep = [
                     i
                     for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
-                    if self._advance(row, token, now, prefill_s)
+                    if self._step(row, token, now, prefill_s)
                 ]
                 if not keep:
                     break
@@ -550,6 +628,7 @@ class Runner:
     def _choose(self, logits: torch.Tensor, rows: list[_Row], bitmask: torch.Tensor | None) -> list[int]:
         logits = logits.float()
         chosen = logits.argmax(dim=-1).tolist()
+        blocked: list[int] = []  # rows whose grammar allows no token at all
         if bitmask is not None:
             # Masking all 32k logits costs more than the mask itself; a greedy row whose favourite token is
             # allowed anyway (the usual case for a trained model) skips it.
@@ -559,9 +638,12 @@ class Runner:
                 logits = logits.contiguous()
                 self.grammars.apply(logits, bitmask)
                 chosen = logits.argmax(dim=-1).tolist()
+                blocked = torch.isneginf(logits.amax(dim=-1)).nonzero().flatten().tolist()
         for i, row in enumerate(rows):
             request = row.prepared.handle.request
-            if request.temperature > 0:
+            if i in blocked:
+                chosen[i] = -1
+            elif request.temperature > 0:
                 probs = torch.softmax(logits[i] / request.temperature, dim=-1)
                 if request.top_p is not None and request.top_p < 1.0:
                     sorted_probs, order = probs.sort(descending=True)
@@ -569,6 +651,17 @@ class Runner:
                     probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
                 chosen[i] = int(torch.multinomial(probs.cpu(), 1, generator=row.generator).item())
         return chosen
+
+    def _step(self, row: _Row, token: int, now: float, prefill_s: float) -> bool:
+        """:meth:`_advance`, failing this row alone if anything in its own work goes wrong."""
+        try:
+            return self._advance(row, token, now, prefill_s)
+        except Phi3VToolsError as exc:
+            row.prepared.handle.fail(exc)
+        except Exception as exc:  # a bug or an input nobody foresaw: this row's, not its companions'
+            logger.exception("a row failed")
+            row.prepared.handle.fail(GenerationError(f"internal error while generating this answer: {exc}"))
+        return False
 
     def _advance(self, row: _Row, token: int, now: float, prefill_s: float) -> bool:
         """Record ``token`` for ``row``; False when the row is done (its future then holds the outcome)."""
@@ -585,6 +678,9 @@ class Runner:
         constraint = row.prepared.constraint
         stop = token in self.stop_ids
         if constraint is not None:
+            if token < 0:
+                problem = constraint.error or "no token can continue the answer"
+                raise GenerationError(f"the output schema's grammar stopped this answer: {problem}")
             constraint.consume(token)
             stop = constraint.finished
         if not (stop and token in self.stop_ids):
@@ -608,7 +704,13 @@ class Runner:
         delta = row.text.push(row.tokens)
         if not delta:
             return
-        on_text = row.prepared.handle.request.on_text
+        handle = row.prepared.handle
+        row.produced += len(delta)
+        if row.produced <= handle.streamed:  # a re-run after a failed step: this part was sent already
+            return
+        delta = delta[len(delta) - (row.produced - handle.streamed) :]
+        handle.streamed = row.produced
+        on_text = handle.request.on_text
         try:
             if on_text is not None:
                 on_text(delta)
@@ -616,21 +718,37 @@ class Runner:
             logger.exception("a streaming callback failed")
 
     def _finish(self, row: _Row, reason: FinishReason, prefill_s: float) -> None:
+        """Hand a finished row to the output threads: its result is made there, not on the worker."""
+        row.prepared.handle.finishing = True
+        try:
+            self._outputs.submit(self._output, row, reason, prefill_s)
+        except RuntimeError:  # the runner is closing
+            row.prepared.handle.fail(CancelledError("the runner was closed"))
+
+    def _output(self, row: _Row, reason: FinishReason, prefill_s: float) -> None:
+        handle = row.prepared.handle
+        try:
+            handle.finish(self._result(row, reason, prefill_s))
+        except Phi3VToolsError as exc:
+            handle.fail(exc)
+        except Exception as exc:  # also RecursionError, MemoryError...: this answer fails, nothing else
+            logger.exception("making a result failed")
+            handle.fail(GenerationError(f"internal error while reading the model's answer: {exc}"))
+
+    def _result(self, row: _Row, reason: FinishReason, prefill_s: float) -> GenerationResult:
         p = row.prepared
         handle = p.handle
         text = self._text(row.tokens)
         parsed = None
         truncated = reason == "length"
-        if p.schema is not None:
+        if handle.schema is not None:
             try:
-                parsed = complete_json(text, p.schema) if truncated else json.loads(text)
-            except (ValueError, Phi3VToolsError) as exc:
-                handle.fail(GenerationError(f"the model's JSON could not be read: {exc}"))
-                return
-            problem = validate(parsed, p.schema)
+                parsed = handle.schema.complete(text) if truncated else json.loads(text)
+            except ValueError as exc:
+                raise GenerationError(f"the model's JSON could not be read: {exc}") from None
+            problem = handle.schema.validate(parsed)
             if problem is not None:
-                handle.fail(GenerationError(f"the model's answer does not match the schema ({problem})"))
-                return
+                raise GenerationError(f"the model's answer does not match the schema ({problem})")
             if truncated:
                 text = json.dumps(parsed, ensure_ascii=False, separators=(",", ":"))
         total = time.perf_counter() - handle.submitted
@@ -642,18 +760,16 @@ class Runner:
             decode_s=row.last_token_at - row.first_token_at,
             total_s=total,
         )
-        handle.finish(
-            GenerationResult(
-                text=text,
-                parsed=parsed,
-                truncated=truncated,
-                finish_reason=reason,
-                prompt_tokens=len(p.ids),
-                completion_tokens=len(row.tokens),
-                image_tokens=p.image_tokens,
-                cached_images=p.cached_images,
-                timings=timings,
-            )
+        return GenerationResult(
+            text=text,
+            parsed=parsed,
+            truncated=truncated,
+            finish_reason=reason,
+            prompt_tokens=len(p.ids),
+            completion_tokens=len(row.tokens),
+            image_tokens=p.image_tokens,
+            cached_images=p.cached_images,
+            timings=timings,
         )
 
 

@@ -37,6 +37,9 @@ class Settings:
     max_context: int = 4096  # prompt + new tokens; above 4096 LongRoPE switches factors (see the README)
     request_timeout_s: float = 300.0  # waiting + running
     feature_cache_mb: int | None = None  # None: 2048 on CUDA, 512 on CPU
+    max_prompt_chars: int = 32768  # characters in all messages of a request, checked before tokenizing
+    max_schema_bytes: int = 16384  # a caller's output schema as compact JSON
+    max_schema_string: int = 2000  # characters in any one key or string of a caller's output schema
     # Image references (phi3v_tools.images): what the tools may read.
     allowed_dirs: tuple[Path, ...] = ()  # local paths allowed under these; () = the working directory
     allow_urls: bool = True  # fetch http(s) URLs (public addresses only)
@@ -44,12 +47,19 @@ class Settings:
     max_image_pixels: int = 40_000_000
     url_timeout_s: float = 15.0
     max_compare: int = 4  # images per compare_images / ask_images call
+    image_store_mb: float = 512.0  # decoded pixels kept for image://sha256/ handles (RGB, 3 bytes a pixel)
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765
     mcp_token: str | None = None  # when set, HTTP clients must send "Authorization: Bearer <token>"
     mcp_max_body_mb: float = 40.0  # largest HTTP request body (base64 images are ~4/3 of their file size)
     mcp_shutdown_grace_s: float = 10.0  # on SIGTERM/Ctrl-C, in-flight HTTP calls get this long to finish
+    mcp_max_sessions: int = 100  # open MCP sessions (pre-2026 handshake); beyond that the longest-idle one goes
+    mcp_session_idle_s: float = 600.0  # a session with no request for this long is closed
+    mcp_max_connections: int = 200  # open HTTP connections; beyond that new ones are refused at once
+    mcp_header_timeout_s: float = 10.0  # a request's headers must arrive within this, from connect or last answer
+    mcp_body_timeout_s: float = 60.0  # a request's body must arrive within this, from its headers
+    mcp_keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(

@@ -3,6 +3,11 @@
 Each tool is a prompt plus a pydantic result model. The model writes the fields it can know (constrained
 by the JSON schema of those fields); the tool adds what only it knows (image handles, sizes, the model id,
 token usage, timings). Adapters (LangChain, MCP, CLI) wrap the :class:`Toolbox` methods and nothing else.
+
+Arguments are checked here, whoever calls (a typed adapter or plain Python): a wrong type is a
+:class:`~phi3v_tools.errors.PromptError` that names the argument. A caller's text is cleaned of image
+tags (the tools place the images) and then reaches the model as text, never as control tokens. Images
+are remembered for their handles only when the call succeeds.
 """
 
 from __future__ import annotations
@@ -175,16 +180,20 @@ class Toolbox:
     def _images(self, refs: ImageRef | Sequence[ImageRef], least: int, most: int) -> list[LoadedImage]:
         if isinstance(refs, str | bytes | os.PathLike | Image.Image):
             refs = [refs]
+        if not isinstance(refs, list | tuple):
+            raise PromptError(f"images must be a list of image references, not {type(refs).__name__}")
         if not least <= len(refs) <= most:
             wanted = f"{least}" if least == most else f"{least} to {most}"
             raise PromptError(f"{len(refs)} image{'' if len(refs) == 1 else 's'} given; this tool takes {wanted}")
-        return load_images(refs, self.policy, self.store)
+        # Handles are looked up in the store; new images join it only when the call succeeds (see result()).
+        return load_images(refs, self.policy, _LookUpOnly(self.store))  # type: ignore[arg-type]
 
     def describe_request(
         self, image: ImageRef, question: str | None = None, detail: Detail = "normal"
     ) -> tuple[GenerationRequest, list[LoadedImage], type[ImageDescription]]:
-        if detail not in MAX_NEW_TOKENS:
-            raise PromptError(f"detail must be one of {', '.join(MAX_NEW_TOKENS)}, not {detail!r}")
+        if not isinstance(detail, str) or detail not in MAX_NEW_TOKENS:
+            raise PromptError(f"detail must be one of {', '.join(MAX_NEW_TOKENS)}, not {_shown(detail)}")
+        question = _text_argument("question", question, optional=True)
         images = self._images([image], 1, 1)
         length = {"brief": "in one or two sentences", "normal": "in a short paragraph", "detailed": "in detail"}
         prompt = f"Describe this image {length[detail]}."
@@ -196,11 +205,13 @@ class Toolbox:
     def read_text_request(
         self, image: ImageRef, fields: Sequence[str] | None = None
     ) -> tuple[GenerationRequest, list[LoadedImage], type[TextReading]]:
+        names = (
+            None if fields is None or (isinstance(fields, str | list | tuple) and not fields) else _field_names(fields)
+        )
         images = self._images([image], 1, 1)
         prompt = "Transcribe all the text in this image in reading order, one entry per line."
         schema = _ReadAnswer.model_json_schema()
-        if fields:
-            names = _field_names(fields)
+        if names:
             schema["properties"]["fields"] = {
                 "type": "object",
                 "properties": {name: {"anyOf": [{"type": "string"}, {"type": "null"}]} for name in names},
@@ -218,6 +229,7 @@ class Toolbox:
     def compare_request(
         self, images_in: Sequence[ImageRef], question: str | None = None
     ) -> tuple[GenerationRequest, list[LoadedImage], type[ImageComparison]]:
+        question = _text_argument("question", question, optional=True)
         images = self._images(images_in, 2, self.max_compare)
         prompt = "Compare these images." if not question else f"Compare these images: {_clean(question)}"
         prompt += " Summarize how they relate, then list their similarities and their differences."
@@ -232,16 +244,16 @@ class Toolbox:
         output_schema: dict[str, Any] | type[BaseModel] | None = None,
         max_new_tokens: int = 500,
     ) -> tuple[GenerationRequest, list[LoadedImage], type[Answer]]:
-        question = _clean(question or "")
+        question = _clean(_text_argument("question", question, optional=False) or "")
         if not question:
             raise PromptError("ask_images needs a question (image tags alone are not one)")
-        images = self._images(images_in, 1, self.max_compare)
         schema = None
         if isinstance(output_schema, type) and issubclass(output_schema, BaseModel):
             schema = output_schema.model_json_schema()
         elif output_schema is not None:
-            check_schema(output_schema)
+            check_schema(output_schema)  # before any image is fetched or decoded
             schema = dict(output_schema)
+        images = self._images(images_in, 1, self.max_compare)
         request = GenerationRequest.from_text(
             _clean(question), [i.image for i in images], json_schema=schema, max_new_tokens=max_new_tokens
         )
@@ -277,6 +289,8 @@ class Toolbox:
                 "total": round(t.total_s, 4),
             },
         )
+        for image in images:  # the call succeeded: its images can be referred to by handle from now on
+            self.store.add(image)
         infos = [ImageInfo(handle=i.handle, width=i.width, height=i.height) for i in images]
         if cls is Answer:
             answer = generated.parsed if generated.parsed is not None else generated.text.strip()
@@ -349,9 +363,47 @@ class Toolbox:
         return self.result(cls, images, await backend.generate(request))
 
 
+class _LookUpOnly:
+    """An image store that answers handle look-ups and remembers nothing (the call has not succeeded yet)."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self._store = store
+
+    def get(self, digest: str) -> LoadedImage | None:
+        return self._store.get(digest)
+
+    def add(self, loaded: LoadedImage) -> None:
+        pass
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text_argument(name: str, value: Any, *, optional: bool) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise PromptError(f"{name} must be {'text or null' if optional else 'text'}, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(
+            f"{name} is not valid Unicode text: a lone surrogate {value[exc.start]!r} at character {exc.start}"
+        ) from None
+    return value
+
+
 def _clean(text: str) -> str:
-    """User text with image tags removed: the tools place the images themselves."""
-    cleaned = IMAGE_TAG.sub("", text).strip()
+    """User text with image tags removed (the tools place the images themselves).
+
+    Each tag becomes a space, in one pass: a space cannot be part of a tag, so no tag can be left over or
+    formed by the removal (removing ``<|image_1|>`` from ``<|ima<|image_1|>ge_1|>`` would form one).
+    """
+    if len(text) > 16000:  # no need to clean what is refused anyway
+        raise PromptError(f"the question has {len(text)} characters; keep it under 4000")
+    cleaned = IMAGE_TAG.sub(" ", text).strip()
     if len(cleaned) > 4000:
         raise PromptError(f"the question has {len(cleaned)} characters; keep it under 4000")
     return cleaned
@@ -360,6 +412,8 @@ def _clean(text: str) -> str:
 def _field_names(fields: Sequence[str]) -> list[str]:
     if isinstance(fields, str):
         fields = fields.split(",")
+    if not isinstance(fields, list | tuple):
+        raise PromptError(f"fields must be a list of field names, not {type(fields).__name__}")
     names = []
     for raw in fields:
         if not isinstance(raw, str):

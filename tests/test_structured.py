@@ -8,6 +8,7 @@ import copy
 import enum
 import json
 import random
+import time
 from typing import Any
 
 import pytest
@@ -15,15 +16,17 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from phi3v_tools.errors import GenerationError
+from phi3v_tools.errors import GenerationError, PromptError
+from phi3v_tools.grammar import GrammarCompiler
 from phi3v_tools.runner import GenerationRequest, GenerationResult, Runner
 from phi3v_tools.structured import (
     DEFAULT_MAX_ITEMS,
     DEFAULT_MAX_STRING,
-    GrammarCompiler,
     bound_schema,
     complete_json,
     minimal_value,
+    pattern_matches,
+    prepare_schema,
     schema_prompt,
     validate,
 )
@@ -659,12 +662,200 @@ def test_compiled_grammars_are_cached_per_schema_and_property_order_matters(tiny
     ],
     ids=["bad-pattern", "unsupported-keyword", "dangling-ref"],
 )
-def test_an_unusable_schema_is_a_generation_error_that_names_the_schema_problem(
+def test_an_unusable_schema_is_refused_at_submission_with_a_prompt_error_that_names_the_problem(
     tiny_runner: Runner, schema: dict[str, Any], detail: str
 ) -> None:
-    with pytest.raises(GenerationError, match="JSON schema") as direct:
-        tiny_runner.grammars.matcher(bound_schema(schema))
-    assert detail in str(direct.value)
-    with pytest.raises(GenerationError, match="JSON schema") as served:
+    steps = tiny_runner.decode_steps
+    with pytest.raises(PromptError, match="schema") as refused:
+        tiny_runner.submit(ask(schema, 8))
+    assert detail in str(refused.value)
+    with pytest.raises(PromptError, match="schema"):
         tiny_runner.generate_sync(ask(schema, 8))
-    assert detail in str(served.value)
+    assert tiny_runner.decode_steps == steps  # refused before the worker saw it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile schemas: refused at once with a message that names the problem, or handled in bounded time
+
+
+def _nested_unions(depth: int, keyword: str = "anyOf") -> dict[str, Any]:
+    """Each level a union of two $refs to the next: 2^depth alternatives from ~70 bytes a level."""
+    defs: dict[str, Any] = {f"d{depth}": {"type": "string"}}
+    for i in range(depth - 1, -1, -1):
+        defs[f"d{i}"] = {keyword: [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]}
+    return {"$defs": defs, "type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "required": ["x"]}
+
+
+HOSTILE_SCHEMAS: list[tuple[str, Any, str]] = [
+    (
+        "ref-cycle",
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "properties": {"x": {"$ref": "#/$defs/a"}}},
+        "refers to itself without nesting",
+    ),
+    ("root-refers-to-itself", {"$ref": "#"}, "refers to itself without nesting"),
+    ("union-with-itself", {"anyOf": [{"$ref": "#"}, {"type": "string"}]}, "refers to itself without nesting"),
+    (
+        "self-recursive-required-object",
+        {"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]},
+        "no answer can satisfy",
+    ),
+    ("required-but-not-allowed", obj({"a": {"type": "string"}}, ["b"]), "no answer can satisfy"),
+    ("nested-anyof-over-refs-17", _nested_unions(17), "expand to more than 1000 alternatives"),
+    ("nested-anyof-over-refs-30", _nested_unions(30), "expand to more than 1000 alternatives"),
+    ("nested-allof-over-refs-20", _nested_unions(20, "allOf"), "expand to more than 1000 alternatives"),
+    ("max-length-as-text", {"type": "string", "maxLength": "abc"}, "'maxLength' at \\(root\\) must be a non-negative"),
+    ("max-length-true", {"type": "string", "maxLength": True}, "must be a non-negative integer, not true"),
+    ("nan", {"type": "number", "maximum": float("nan")}, "non-finite number \\(nan\\) at maximum"),
+    ("infinity", {"type": "number", "minimum": float("-inf")}, "non-finite number"),
+    ("1e400", json.loads('{"type": "number", "maximum": 1e400}'), "non-finite number \\(inf\\)"),
+    ("properties-as-a-list", {"type": "object", "properties": [1, 2]}, "'properties' at \\(root\\) must be an object"),
+    ("items-as-a-list", {"type": "array", "items": [{"type": "string"}]}, "use prefixItems"),
+    ("type-unknown", {"type": "banana"}, "'type' at \\(root\\) must be one of"),
+    ("enum-empty", {"enum": []}, "'enum' at \\(root\\) must be a non-empty list"),
+    ("required-not-a-list", {"type": "object", "required": "a"}, "'required' at \\(root\\) must be a list"),
+    ("min-length-huge", {"type": "string", "minLength": 10**9}, "smallest valid answer .* more than 20000"),
+    (
+        "min-items-multiply",
+        {
+            "type": "array",
+            "minItems": 60,
+            "items": {"type": "array", "minItems": 60, "items": {"minItems": 9, "items": {}}},
+        },
+        "smallest valid answer .* more than 20000",
+    ),
+    ("description-of-1-mb", {"type": "string", "description": "x" * 2**20}, "string of 1048576 characters"),
+    ("key-of-5000-chars", obj({"k" * 5000: {"type": "string"}}), "a key of 5000 characters"),
+    (
+        "schema-of-40-kb",
+        obj({f"p{i}": {"type": "string", "description": "d" * 200} for i in range(200)}),
+        "bytes as compact JSON; the limit is 16384",
+    ),
+    ("lone-surrogate", {"type": "string", "title": "\ud800"}, "lone surrogate"),
+    ("nested-id", obj({"a": {"$id": "http://x.test/", "type": "string"}}), "only the root may carry \\$id"),
+    ("anchor", {"$defs": {"a": {"$anchor": "n", "type": "string"}}, "$ref": "#n"}, "\\$anchor"),
+    ("anchor-reference", {"$defs": {"a": {"type": "string"}}, "$ref": "#a"}, "use JSON pointers"),
+    ("remote-ref", {"$ref": "https://example.com/s.json"}, "only local references"),
+    ("dangling-ref", {"$ref": "#/$defs/none"}, "not a schema in this document"),
+    ("ref-into-a-non-schema", {"required": ["a"], "$ref": "#/required"}, "not a schema in this document"),
+    ("grammar-options", {"type": "string", "x-guidance": {"lenient": True}}, "grammar-engine options"),
+    ("look-ahead-pattern", {"type": "string", "pattern": "(?=a)b"}, "look-around"),
+    ("backreference-pattern", {"type": "string", "pattern": "(a)\\1"}, "backreferences are not supported"),
+]
+
+
+@pytest.mark.parametrize(("schema", "problem"), [c[1:] for c in HOSTILE_SCHEMAS], ids=[c[0] for c in HOSTILE_SCHEMAS])
+def test_a_hostile_schema_is_refused_quickly_with_a_message_naming_the_problem(schema: Any, problem: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(PromptError, match=problem) as refused:
+        prepare_schema(schema)
+    assert time.perf_counter() - started < 0.5
+    assert len(str(refused.value)) < 600
+
+
+@pytest.mark.parametrize(
+    ("schema", "answer"),
+    [
+        (  # JSON-pointer escapes: ~1 is '/', ~0 is '~', %20 a space (a URI fragment)
+            {
+                "$defs": {"a/b": {"type": "string"}, "c~d": {"type": "integer"}, "e f": {"type": "boolean"}},
+                "type": "object",
+                "properties": {
+                    "x": {"$ref": "#/$defs/a~1b"},
+                    "y": {"$ref": "#/$defs/c~0d"},
+                    "z": {"$ref": "#/$defs/e%20f"},
+                },
+                "required": ["x", "y", "z"],
+            },
+            {"x": "", "y": 0, "z": False},
+        ),
+        ({"type": "object", "properties": {"w": {"type": "string", "pattern": "\\p{L}"}}}, {}),
+        (
+            {
+                "allOf": [
+                    obj({"a": {"type": "string"}}, ["a"]),
+                    {"properties": {"b": {"type": "integer"}}, "required": ["b"]},
+                ]
+            },
+            {"a": "", "b": 0},
+        ),
+        (obj({"a": True, "b": {}}, ["a", "b"]), {"a": None, "b": None}),
+        (
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+            },
+            {},
+        ),
+        (
+            {"anyOf": [{"type": "object", "properties": {"n": {"$ref": "#"}}, "required": ["n"]}, {"type": "null"}]},
+            None,
+        ),
+    ],
+    ids=[
+        "pointer-escapes",
+        "unicode-class-pattern",
+        "allof-merged",
+        "boolean-subschemas",
+        "recursive-tree",
+        "recursive-or-null",
+    ],
+)
+def test_unusual_but_valid_schemas_are_accepted_with_a_valid_smallest_answer(schema: Any, answer: Any) -> None:
+    prepared = prepare_schema(schema)
+    assert prepared.minimal(prepared.bounded) == answer
+    assert prepared.validate(answer) is None
+
+
+def test_a_pattern_is_matched_in_linear_time_even_where_pythons_re_would_backtrack_for_ever() -> None:
+    started = time.perf_counter()
+    assert not pattern_matches("^(a+)+$", "a" * 2000 + "b")  # exponential for Python's re
+    assert not pattern_matches("^(a|aa)*c$", "a" * 2000)
+    assert validate("a" * 1999 + "!", {"type": "string", "pattern": "^(a+)+$"}) is not None
+    assert time.perf_counter() - started < 1.0
+    assert pattern_matches("^\\p{L}+$", "Ünïcödé") and not pattern_matches("^\\p{L}+$", "abc1")
+    assert pattern_matches("a|^b", "xa") and not pattern_matches("a|^b", "xb")  # JSON Schema: search, anchors kept
+
+
+def test_validation_that_would_take_exponential_time_stops_at_its_budget() -> None:
+    """Two allOf branches that each descend into the same property: 2^depth checks for a value `depth` deep."""
+    branch = {"properties": {"a": {"$ref": "#"}}}
+    schema = {"allOf": [branch, copy.deepcopy(branch)]}
+    value: Any = "leaf"
+    for _ in range(40):
+        value = {"a": value}
+    prepare_schema(schema)  # the schema itself is small and fine
+    started = time.perf_counter()
+    with pytest.raises(GenerationError, match="could not be checked against the schema within 50000 steps"):
+        validate(value, schema)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_completion_and_validation_refuse_answers_nested_deeper_than_64_levels() -> None:
+    schema = {"type": "array", "items": {"$ref": "#"}}
+    with pytest.raises(GenerationError, match="nested more than 64 levels"):
+        complete_json("[" * 100, schema)
+    deep: Any = []
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(GenerationError, match="nested more than 64 levels"):
+        validate(deep, schema)
+
+
+def test_completion_of_a_long_cut_answer_is_fast() -> None:
+    """Linear in the text: a 20,000-character cut answer of many nested objects completes in well under a second."""
+    schema = {
+        "type": "array",
+        "items": obj({"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "integer"}}}, ["a", "b"]),
+    }
+    text = "[" + ",".join('{"a":"' + "x" * 40 + '","b":[1,2,3]}' for _ in range(350)) + ',{"a":"cut'
+    started = time.perf_counter()
+    value = complete_json(text, schema)
+    assert time.perf_counter() - started < 1.0
+    assert len(value) == 351 and value[-1] == {"a": "cut", "b": []}
+
+
+def test_the_grammar_cache_is_bounded(tiny_runner: Runner) -> None:
+    compiler = tiny_runner.grammars
+    for i in range(compiler.max_cached + 20):
+        compiler.grammar({"type": "object", "properties": {f"bounded_{i}": {"type": "string"}}})
+    assert len(compiler._grammars) == compiler.max_cached

@@ -4,6 +4,11 @@ As in the original: the prompt is split on ``<|image_k|>`` tags, every text chun
 (so each starts with BOS ``<s>``), and each tag becomes as many ``-k`` ids as image ``k`` yields tokens.
 Beyond the original: tags are checked (each of 1..n exactly once, in order, n = number of images) with a
 message saying what is wrong, and a list of prompts is processed as one left-padded batch.
+
+:meth:`Phi3VProcessor.chat_ids` tokenizes chat messages with their contents as *text*: a ``<|end|>`` or
+``<|assistant|>`` written by a caller is the characters it is made of, never a control token, so no caller
+can close its turn or write the assistant's or a system turn. For contents without such strings the ids are
+exactly those of the original (the template's text tokenized whole).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,8 @@ from phi3v_tools.model.image_processing import Phi3VImageProcessor
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 DEFAULT_NUM_CROPS = 1  # the original image processor's class default, when preprocessor_config.json has none
+CHAT_ROLES = ("system", "user", "assistant")
+_CONTENT = re.compile("\ue000(\\d+)\ue001")  # where message k's content goes in the rendered template
 
 ImagesArg = Image.Image | Sequence[Image.Image] | None
 
@@ -141,6 +149,66 @@ class Phi3VProcessor:
             if i < len(tags):
                 ids.extend([-tags[i]] * tokens_per_image[tags[i] - 1])
         return ids
+
+    def chat_ids(self, messages: Sequence[Mapping[str, str]], tokens_per_image: Sequence[int]) -> list[int]:
+        """Ids of a chat prompt whose message contents are tokenized as text (see the module docstring).
+
+        The chat template is rendered with a placeholder for each content; the template's own special tokens
+        are found in that, and each stretch of text between them (template text and contents together, as
+        the tokenizer would see it) goes through the tokenizer's normalizer and model only, which never
+        produce special or added tokens. ``<|image_k|>`` tags in contents place the images as in
+        :meth:`prompt_ids`.
+        """
+        for i, message in enumerate(messages):
+            if message.get("role") not in CHAT_ROLES:
+                raise PromptError(
+                    f"message {i + 1} has role {str(message.get('role'))[:40]!r}; use one of {CHAT_ROLES}"
+                )
+            if not isinstance(message.get("content"), str):
+                raise PromptError(f"message {i + 1} has no text content")
+        placeholders = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        rendered = self.apply_chat_template(placeholders)
+        if [int(k) for k in _CONTENT.findall(rendered)] != list(range(len(messages))):
+            raise PromptError("the chat template does not place each message's content once, in order")
+        check_image_tags(_CONTENT.sub(lambda m: messages[int(m.group(1))]["content"], rendered), len(tokens_per_image))
+        specials = self._added_tokens
+        parts = self._special_split.split(rendered)  # text, special, text, special, ..., text
+        ids = [int(self.tokenizer.bos_token_id)]
+        for i in range(0, len(parts), 2):
+            text = _CONTENT.sub(lambda m: messages[int(m.group(1))]["content"], parts[i])
+            if i > 0 and specials[parts[i - 1]][1].rstrip:  # the token before eats the whitespace after it
+                text = text.lstrip()
+            if i + 1 < len(parts) and specials[parts[i + 1]][1].lstrip:
+                text = text.rstrip()
+            pieces = IMAGE_TAG.split(text)  # text, k, text, k, ..., text
+            for j in range(0, len(pieces), 2):
+                ids.extend(self._text_ids(pieces[j]))
+                if j + 1 < len(pieces):
+                    k = int(pieces[j + 1])
+                    ids.extend([-k] * tokens_per_image[k - 1])
+                    ids.append(int(self.tokenizer.bos_token_id))  # the next chunk starts with its BOS
+            if i + 1 < len(parts):
+                ids.append(specials[parts[i + 1]][0])
+        return ids
+
+    @cached_property
+    def _added_tokens(self) -> dict[str, tuple[int, Any]]:
+        """Every added token (special or not, as the tokenizer matches them all in text): content -> (id, token)."""
+        return {token.content: (int(i), token) for i, token in self.tokenizer.added_tokens_decoder.items()}
+
+    @cached_property
+    def _special_split(self) -> re.Pattern[str]:
+        names = sorted(self._added_tokens, key=len, reverse=True)
+        return re.compile("(" + "|".join(re.escape(name) for name in names) + ")")
+
+    def _text_ids(self, text: str) -> list[int]:
+        """Ids of text between special tokens: normalizer, pre-tokenizer and model, never the added tokens."""
+        if not text:
+            return []
+        backend = self.tokenizer.backend_tokenizer
+        normalized = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        pieces = backend.pre_tokenizer.pre_tokenize_str(normalized) if backend.pre_tokenizer is not None else None
+        return [t.id for piece, _span in (pieces or [(normalized, None)]) for t in backend.model.tokenize(piece)]
 
     def __call__(
         self,

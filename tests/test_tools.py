@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from phi3v_tools import api
 from phi3v_tools.errors import ImageError, Phi3VToolsError, PromptError
 from phi3v_tools.feature_cache import image_digest
 from phi3v_tools.images import HANDLE_PREFIX, ImagePolicy
+from phi3v_tools.model.processing import IMAGE_TAG
 from phi3v_tools.runner import Runner
 from phi3v_tools.tools import (
     Answer,
@@ -358,6 +360,66 @@ def test_a_question_over_4000_characters_is_refused(
         toolbox.ask_images(sample_images["chart"], long)
     assert fake.requests == []
     toolbox.ask_images(sample_images["chart"], "x" * 4000)  # exactly at the limit is fine
+
+
+def test_a_nested_image_tag_cannot_survive_the_cleaning(
+    toolbox: Toolbox, fake: FakeBackend, sample_images: dict[str, Path]
+) -> None:
+    """Removing ``<|image_1|>`` from ``<|ima<|image_1|>ge_1|>`` would form a new tag: each tag becomes a space."""
+    for question in ("<|ima<|image_1|>ge_1|>", "<|image_<|image_2|>1|> what?", "<<|image_1|>|image_1|>|>"):
+        toolbox.describe_image(sample_images["chart"], question)
+        assert IMAGE_TAG.search(fake.requests[-1].messages[0]["content"]) is None, question
+
+
+@pytest.mark.parametrize(
+    ("call", "problem"),
+    [
+        (lambda tb, img: tb.describe_image(img, question=123), "question must be text or null, not int"),
+        (lambda tb, img: tb.describe_image(img, detail=["brief"]), "detail must be one of brief, normal, detailed"),
+        (lambda tb, img: tb.describe_image(img, question="a \ud800 b"), "lone surrogate '\\ud800' at character 2"),
+        (lambda tb, img: tb.compare_images(None), "images must be a list of image references, not NoneType"),
+        (lambda tb, img: tb.compare_images({"a": img}), "images must be a list of image references, not dict"),
+        (lambda tb, img: tb.compare_images([img, img], question=["x"]), "question must be text or null, not list"),
+        (lambda tb, img: tb.read_text(img, fields=7), "fields must be a list of field names, not int"),
+        (lambda tb, img: tb.read_text(img, fields=[1, 2]), "field names must be strings, not int"),
+        (lambda tb, img: tb.ask_images(img, None), "question must be text, not NoneType"),
+        (lambda tb, img: tb.ask_images(img, b"bytes?"), "question must be text, not bytes"),
+        (lambda tb, img: tb.ask_images(img, "q", output_schema=[1]), "schema must be a JSON object"),
+        (lambda tb, img: tb.ask_images(None, "q"), "images must be a list of image references, not NoneType"),
+    ],
+    ids=[
+        "question-int",
+        "detail-list",
+        "question-surrogate",
+        "compare-none",
+        "compare-dict",
+        "compare-question-list",
+        "fields-int",
+        "fields-ints",
+        "ask-question-none",
+        "ask-question-bytes",
+        "schema-list",
+        "ask-images-none",
+    ],
+)
+def test_wrong_argument_types_in_the_python_api_are_prompt_errors_naming_the_argument(
+    toolbox: Toolbox, fake: FakeBackend, sample_images: dict[str, Path], call: Any, problem: str
+) -> None:
+    with pytest.raises(PromptError, match=re.escape(problem)):
+        call(toolbox, sample_images["chart"])
+    assert fake.requests == []
+
+
+def test_images_of_a_refused_call_are_not_kept_for_handles(fake: FakeBackend, sample_images: dict[str, Path]) -> None:
+    toolbox = Toolbox(fake, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
+    fake.error = PromptError("refused after the images were decoded")
+    for _ in range(3):
+        with pytest.raises(PromptError):
+            toolbox.compare_images([sample_images["scene_a"], sample_images["scene_b"]])
+    assert toolbox.store.get(image_digest(Image.open(sample_images["scene_a"]).convert("RGB"))) is None
+    fake.error = None
+    result = toolbox.compare_images([sample_images["scene_a"], sample_images["scene_b"]])
+    assert toolbox.describe_image(result.images[0].handle).images[0].handle == result.images[0].handle
 
 
 def test_tool_errors_are_phi3v_errors(toolbox: Toolbox, fake: FakeBackend, tmp_path: Path) -> None:

@@ -23,7 +23,12 @@ _LOCK = threading.Lock()
 
 def toolbox_from_settings(settings: Settings) -> Toolbox:
     """A Toolbox over the process's shared runner for ``settings`` (the model loads on the first call)."""
-    return Toolbox(lambda: get_runner(settings), settings.image_policy(), max_compare=settings.max_compare)
+    return Toolbox(
+        lambda: get_runner(settings),
+        settings.image_policy(),
+        max_compare=settings.max_compare,
+        schema_limits=settings.schema_limits(),
+    )
 
 
 def default_toolbox() -> Toolbox:

@@ -57,7 +57,7 @@ from phi3v_tools.model.image_processing import CROP_SIZE, num_image_tokens_for_g
 from phi3v_tools.model.modeling import Phi3VForCausalLM
 from phi3v_tools.model.processing import CHAT_ROLES, IMAGE_TAG, Phi3VProcessor
 from phi3v_tools.settings import Settings
-from phi3v_tools.structured import OutputSchema, SchemaLimits, prepare_schema
+from phi3v_tools.structured import OutputSchema, prepare_schema
 
 logger = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
@@ -321,7 +321,7 @@ class Runner:
             cache_mb = 2048 if model.device.type == "cuda" else 512
         self.feature_cache = FeatureCache(cache_mb * 2**20)
         self.stop_ids = list(STOP_TOKEN_IDS)
-        self.schema_limits = SchemaLimits(max_bytes=settings.max_schema_bytes, max_string=settings.max_schema_string)
+        self.schema_limits = settings.schema_limits()
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=settings.max_queue)

@@ -13,6 +13,7 @@ from typing import Any
 
 from phi3v_tools.images import ImagePolicy
 from phi3v_tools.model.checkpoint import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
+from phi3v_tools.structured import SchemaLimits
 
 ENV_PREFIX = "PHI3V_"
 
@@ -60,6 +61,9 @@ class Settings:
     mcp_header_timeout_s: float = 10.0  # a request's headers must arrive within this, from connect or last answer
     mcp_body_timeout_s: float = 60.0  # a request's body must arrive within this, from its headers
     mcp_keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+
+    def schema_limits(self) -> SchemaLimits:
+        return SchemaLimits(max_bytes=self.max_schema_bytes, max_string=self.max_schema_string)
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(

@@ -26,7 +26,7 @@ from phi3v_tools.errors import PromptError
 from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
 from phi3v_tools.model.processing import IMAGE_TAG
 from phi3v_tools.runner import GenerationRequest, GenerationResult
-from phi3v_tools.structured import check_schema
+from phi3v_tools.structured import DEFAULT_LIMITS, SchemaLimits, check_schema
 
 Detail = Literal["brief", "normal", "detailed"]
 ImageKind = Literal["photo", "chart", "document", "screenshot", "diagram", "illustration", "other"]
@@ -161,12 +161,14 @@ class Toolbox:
         store: ImageStore | None = None,
         max_compare: int = 4,
         multi_image_num_crops: int = 4,
+        schema_limits: SchemaLimits = DEFAULT_LIMITS,
     ) -> None:
         self._backend = backend
         self.policy = policy or ImagePolicy()
         self.store = store or ImageStore()
         self.max_compare = max_compare
         self.multi_image_num_crops = multi_image_num_crops
+        self.schema_limits = schema_limits  # a caller's output schema is checked with these before any image loads
 
     @property
     def backend(self) -> Backend:
@@ -251,7 +253,7 @@ class Toolbox:
         if isinstance(output_schema, type) and issubclass(output_schema, BaseModel):
             schema = output_schema.model_json_schema()
         elif output_schema is not None:
-            check_schema(output_schema)  # before any image is fetched or decoded
+            check_schema(output_schema, self.schema_limits)  # before any image is fetched or decoded
             schema = dict(output_schema)
         images = self._images(images_in, 1, self.max_compare)
         request = GenerationRequest.from_text(

@@ -19,7 +19,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,8 @@ class HostileEnv:
     internal: Recorder  # 127.0.0.2, must never be contacted
     good: Path  # a small image inside the allowed directory
     forbidden_files: set[Path] = field(default_factory=set)  # never opened by the server, whatever a case says
+    prompts: list[list[int]] = field(default_factory=list)  # ids of the prompts tokenized during the current case
+    control_ids: frozenset[int] = frozenset()  # the tokenizer's special and added tokens
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.web.port}{path}"
@@ -250,13 +252,20 @@ Check = Callable[[dict[str, Any], HostileEnv], None]
 
 @dataclass(frozen=True)
 class Case:
+    """One hostile call. ``error``: a regular expression the error message must match (case-insensitive);
+    None: the call must succeed and ``check`` accepts its result; both: either outcome is right (a valid but
+    hard input whose answer may or may not fit its schema), but nothing else."""
+
     id: str
     tool: str
     args: Args
-    error: str | None  # a regular expression the error message must match (case-insensitive); None: must succeed
+    error: str | None
     check: Check | None = None
     surfaces: tuple[str, ...] = SURFACES
     slow: bool = False  # waits for a URL deadline
+    engine: bool = False  # reaches the model's worker: it must share a batch with the innocent call beside it
+    after: Callable[[HostileEnv], None] | None = None  # checked after the call, whatever its outcome
+    group: str = ""  # files, bytes, urls, arguments, schemas, chat (set by corpus())
 
 
 def _describe(image: Callable[[HostileEnv], Any]) -> Args:
@@ -476,6 +485,10 @@ def _argument_cases() -> list[Case]:
     def good(env: HostileEnv) -> str:
         return str(env.good)
 
+    def python(case_id: str, tool: str, args: Args) -> Case:
+        wrong = r"must be (text|one of|a list|a JSON object)|not (int|list|NoneType)"
+        return Case(case_id, tool, args, wrong, surfaces=("python",))
+
     def completion_capped(result: dict[str, Any], env: HostileEnv) -> None:
         assert result["call"]["completion_tokens"] <= 16, result["call"]
 
@@ -601,11 +614,31 @@ def _argument_cases() -> list[Case]:
         Case(
             "handle-from-an-earlier-call", "describe_image", lambda env: {"image": _handle_of(env)}, None, _size(48, 32)
         ),
+        # Wrong types from plain Python (typed surfaces refuse them before the tool runs).
+        python("python-question-as-an-int", "describe_image", lambda env: {"image": good(env), "question": 123}),
+        python("python-detail-as-a-list", "describe_image", lambda env: {"image": good(env), "detail": ["brief"]}),
+        python("python-compare-none", "compare_images", lambda env: {"images": None}),
+        python("python-fields-as-an-int", "read_text", lambda env: {"image": good(env), "fields": 7}),
+        python(
+            "python-schema-as-a-list",
+            "ask_images",
+            lambda env: {"images": [good(env)], "question": "q", "output_schema": [1]},
+        ),
     ]
 
 
 def corpus() -> list[Case]:
-    cases = _file_cases() + _byte_cases() + _url_cases() + _argument_cases()
+    from tests.reliability.corpus_engine import chat_cases, schema_cases
+
+    groups = {
+        "files": _file_cases(),
+        "bytes": _byte_cases(),
+        "urls": _url_cases(),
+        "arguments": _argument_cases(),
+        "schemas": schema_cases(),
+        "chat": chat_cases(),
+    }
+    cases = [replace(case, group=name) for name, group in groups.items() for case in group]
     ids = [case.id for case in cases]
     assert len(ids) == len(set(ids)), "case ids must be unique"
     return cases

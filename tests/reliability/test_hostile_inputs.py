@@ -2,6 +2,10 @@
 but valid pictures, a correct result), nothing outside the allowed directory opened, no connection to a refused
 address, no request reaching the internal service, and the same surface serving a good call right after.
 
+An innocent call runs beside every hostile one, on the same surface, and must succeed. A hostile call that
+reaches the model (a valid but unusual schema, a question full of special tokens) shares one batch with the
+innocent call: the runner's worker waits until both are queued before it collects a batch.
+
 The model is the tiny checkpoint with answers capped at 16 tokens; all surfaces share one toolbox, so the
 image handles of one surface are valid on the others (as they are for one server's clients).
 """
@@ -10,7 +14,11 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +56,32 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileEnv]:
         yield make_env(tmp_path_factory.mktemp("hostile"), web, internal)
 
 
+class Gate:
+    """While ``pair()`` is active, the runner's next batch waits (up to 5 s) until it holds two requests; every
+    batch's size is recorded."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.batches: list[int] = []
+        self._runner = runner
+        self._settings = runner.settings
+        run = runner._run
+
+        def recorded_run(handles: list[Any]) -> None:
+            self.batches.append(len(handles))
+            run(handles)
+
+        runner._run = recorded_run  # type: ignore[method-assign]
+
+    @contextmanager
+    def pair(self, active: bool) -> Iterator[None]:
+        if active:  # a long window that closes as soon as a batch of two is full
+            self._runner.settings = replace(self._settings, batch_window_ms=5000, max_batch_size=2)
+        try:
+            yield
+        finally:
+            self._runner.settings = self._settings
+
+
 @pytest.fixture(scope="module")
 def surfaces(
     one_torch_thread: None,
@@ -58,7 +92,19 @@ def surfaces(
 ) -> Iterator[dict[str, Any]]:
     settings = Settings(model=str(tiny_dir), max_new_tokens=16, batch_window_ms=1, allowed_dirs=(env.allowed,))
     runner = Runner(tiny_model, tiny_processor, settings)
+    runner.grammars.warm_up()
+    chat_ids = tiny_processor.chat_ids
+    lock = threading.Lock()
+
+    def spy(messages: Any, tokens: Any) -> list[int]:
+        ids = chat_ids(messages, tokens)
+        with lock:
+            env.prompts.append(ids)
+        return ids
+
+    env.control_ids = frozenset(int(i) for i in tiny_processor.tokenizer.added_tokens_decoder)
     toolbox = Toolbox(runner, env.policy())
+    tiny_processor.chat_ids = spy  # type: ignore[method-assign]
     try:
         with http_server(settings, toolbox) as url:
             yield {
@@ -67,8 +113,10 @@ def surfaces(
                 "mcp_memory": McpMemorySurface(settings, toolbox),
                 "mcp_http": McpHttpSurface(url),
                 "url": url,
+                "gate": Gate(runner),
             }
     finally:
+        del tiny_processor.chat_ids  # the instance attribute: the method is back
         runner.close()
 
 
@@ -91,20 +139,34 @@ def test_a_hostile_input_gets_a_clear_answer_touches_nothing_forbidden_and_the_s
     case: Case, surface_name: str, env: HostileEnv, surfaces: dict[str, Any]
 ) -> None:
     surface = surfaces[surface_name]
+    gate: Gate = surfaces["gate"]
     args = case.args(env)
     if case.id == "handle-from-an-earlier-call":
         _good_call(surface, env)  # the earlier call
     web_before = len(env.web.requests)
-    with watching() as watch:
-        outcome: Outcome = surface.call(case.tool, args)
+    env.prompts.clear()
+    gate.batches.clear()
+    with gate.pair(case.engine), watching() as watch, ThreadPoolExecutor(2) as pool:
+        innocent = pool.submit(surface.call, "describe_image", {"image": str(env.good), "detail": "brief"})
+        hostile = pool.submit(surface.call, case.tool, args)
+        outcome: Outcome = hostile.result(120)
+        beside: Outcome = innocent.result(120)
 
+    assert beside.error is None, f"the innocent call beside the hostile one failed: {beside.error}"
+    assert beside.result is not None and beside.result["images"][0]["width"] == 48
+    if case.engine:
+        assert max(gate.batches, default=0) >= 2, f"the two calls did not share a batch: {gate.batches}"
     if case.error is None:
         assert outcome.error is None, f"a valid input was refused: {outcome.error}"
+    elif case.check is None:
+        assert outcome.error is not None, f"a hostile input was accepted: {outcome.result}"
+    if outcome.error is not None:
+        _assert_clear(outcome.error, case)
+    else:
         assert outcome.result is not None and case.check is not None
         case.check(outcome.result, env)
-    else:
-        assert outcome.error is not None, f"a hostile input was accepted: {outcome.result}"
-        _assert_clear(outcome.error, case)
+    if case.after is not None:
+        case.after(env)
 
     forbidden = {os.path.realpath(p) for p in env.forbidden_files}
     opened = {os.path.realpath(p) for p in watch.opened if not p.startswith(("/usr", str(Path.home() / ".cache")))}
@@ -128,5 +190,8 @@ def _peer(address: Any) -> tuple[str, int] | None:
 
 def test_the_corpus_covers_every_surface_and_kind_of_input() -> None:
     per_surface = {surface: sum(surface in case.surfaces for case in CASES) for surface in SURFACES}
-    assert min(per_surface.values()) >= 90, per_surface
+    assert min(per_surface.values()) >= 130, per_surface
     assert sum(case.error is None for case in CASES) >= 10  # unusual but valid pictures must keep working
+    per_group = {group: sum(case.group == group for case in CASES) for group in {case.group for case in CASES}}
+    assert set(per_group) == {"files", "bytes", "urls", "arguments", "schemas", "chat"}, per_group
+    assert sum(case.engine for case in CASES) >= 8  # hostile calls that share a batch with an innocent one

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -195,3 +196,27 @@ def test_the_corpus_covers_every_surface_and_kind_of_input() -> None:
     per_group = {group: sum(case.group == group for case in CASES) for group in {case.group for case in CASES}}
     assert set(per_group) == {"files", "bytes", "urls", "arguments", "schemas", "chat"}, per_group
     assert sum(case.engine for case in CASES) >= 8  # hostile calls that share a batch with an innocent one
+
+
+@pytest.mark.parametrize("surface_name", ["python", "mcp_http"])
+def test_a_20_mb_schema_is_refused_before_any_tokenizing_and_does_not_delay_a_call_beside_it(
+    surface_name: str, env: HostileEnv, surfaces: dict[str, Any]
+) -> None:
+    """The review's case: a 20 MB description inside a schema, under the HTTP body limit, used to be tokenized into
+    the prompt on the worker (22 s, ~2 GB) while every other call waited."""
+    surface = surfaces[surface_name]
+    schema = {"type": "object", "properties": {"a": {"type": "string", "description": "x" * 20 * 2**20}}}
+    prompts = len(env.prompts)
+    with ThreadPoolExecutor(2) as pool:
+        started = time.perf_counter()
+        hostile = pool.submit(
+            surface.call, "ask_images", {"images": [str(env.good)], "question": "q", "output_schema": schema}
+        )
+        innocent = pool.submit(surface.call, "describe_image", {"image": str(env.good), "detail": "brief"})
+        beside = innocent.result(60)
+        waited = time.perf_counter() - started
+        outcome = hostile.result(60)
+    assert outcome.error is not None and re.search(r"20971520 characters .* the limit is 2000", outcome.error)
+    assert beside.error is None, beside.error
+    assert waited < 10, f"the innocent call took {waited:.1f} s beside the 20 MB schema"
+    assert len(env.prompts) - prompts == 1  # only the innocent call's prompt was ever tokenized

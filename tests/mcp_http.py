@@ -9,33 +9,37 @@ from contextlib import asynccontextmanager, contextmanager
 
 import httpx2
 from mcp import Client
-from phi3v_mcp.server import create_server, http_app, listening_socket
+from mcp.server import MCPServer
+from phi3v_mcp.server import AppContext, create_server, http_app, listening_socket, uvicorn_config
 
 from phi3v_tools.settings import Settings
 from phi3v_tools.tools import Toolbox
 
 
 @contextmanager
-def http_server(settings: Settings, toolbox: Toolbox) -> Iterator[str]:
-    """The server's HTTP app under uvicorn in a thread, on a free loopback port; yields the /mcp URL."""
+def http_server(settings: Settings, toolbox: Toolbox, server: MCPServer[AppContext] | None = None) -> Iterator[str]:
+    """The server's HTTP app under uvicorn in a thread, on a free loopback port; yields the /mcp URL.
+
+    Configured as ``phi3v-tools mcp --transport http`` configures it (the connection and session limits of
+    ``settings`` included). Pass ``server`` (from :func:`create_server`) to look at its session manager.
+    """
     import uvicorn
 
     sock = listening_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        http_app(create_server(settings, toolbox), settings), lifespan="on", log_level="warning", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mcp-http-test", daemon=True)
+    mcp = server if server is not None else create_server(settings, toolbox)
+    config = uvicorn_config(http_app(mcp, settings), settings, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="mcp-http-test", daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 30
-        while not server.started:
+        while not uv.started:
             assert thread.is_alive() and time.monotonic() < deadline, "the HTTP server did not start"
             time.sleep(0.02)
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
-        server.should_exit = True
+        uv.should_exit = True
         thread.join(timeout=15)
         sock.close()
     assert not thread.is_alive(), "the HTTP server did not stop"

@@ -15,7 +15,18 @@ Built on the MCP Python SDK 2.x high-level server (:class:`mcp.server.MCPServer`
 
 :func:`run` serves it over stdio or streamable HTTP. HTTP binds to ``settings.mcp_host`` (127.0.0.1 by
 default) with DNS-rebinding protection on, an optional static bearer token (``PHI3V_MCP_TOKEN``) and a
-request-body limit (``PHI3V_MCP_MAX_BODY_MB``).
+request-body limit (``PHI3V_MCP_MAX_BODY_MB``). Its sessions and connections are bounded (every bound a
+setting; see SECURITY.md):
+
+- sessions (pre-2026 handshake only): at most ``PHI3V_MCP_MAX_SESSIONS`` (100) open; a new one takes the
+  place of the longest-idle session with no request in flight, and only when all are busy is it refused
+  (503, Retry-After); a session with no request for ``PHI3V_MCP_SESSION_IDLE_S`` (600 s) is closed
+  (:mod:`phi3v_mcp.sessions`);
+- connections: at most ``PHI3V_MCP_MAX_CONNECTIONS`` (200) open, beyond that refused at once (503); a
+  request's headers must arrive within ``PHI3V_MCP_HEADER_TIMEOUT_S`` (10 s) of the connection opening or of
+  the previous answer, its body within ``PHI3V_MCP_BODY_TIMEOUT_S`` (60 s) of its headers (408 otherwise);
+  an idle keep-alive connection is closed after ``PHI3V_MCP_KEEP_ALIVE_S`` (5 s). These apply while a request
+  is received, never while an answer streams (:mod:`phi3v_mcp.connections`).
 """
 
 import asyncio
@@ -32,6 +43,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
+import uvicorn
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
@@ -42,6 +54,8 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from phi3v_mcp.connections import ConnectionLimits, limited_protocol
+from phi3v_mcp.sessions import SessionEvictor
 from phi3v_tools import __version__
 from phi3v_tools.api import toolbox_from_settings
 from phi3v_tools.errors import Phi3VToolsError
@@ -62,6 +76,7 @@ __all__ = [
     "create_server",
     "http_app",
     "run",
+    "uvicorn_config",
 ]
 
 logger = logging.getLogger("phi3v_mcp")
@@ -354,7 +369,11 @@ class BearerTokenMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuses HTTP request bodies over ``max_bytes`` with a 413 that states the limit and what to do instead."""
+    """Refuses HTTP request bodies over ``max_bytes`` with a 413 that states the limit and what to do instead.
+
+    The app sees a request only once its whole body is in: one whose client left mid-body (or that the body
+    timeout cut off) is dropped here, with nothing to answer.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -381,9 +400,8 @@ class BodyLimitMiddleware:
         queued: list[Message] = []
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client went away mid-body
-                queued.append(message)
-                break
+            if message["type"] != "http.request":  # the client went away mid-body (or timed out): nobody to answer
+                return
             body.extend(message.get("body", b""))
             if len(body) > self.max_bytes:
                 await self._too_large()(scope, receive, send)
@@ -449,14 +467,21 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 
 
 def http_app(server: MCPServer[AppContext], settings: Settings) -> ASGIApp:
-    """The streamable HTTP app at ``/mcp``, behind the token check (if a token is set) and the body limit."""
+    """The streamable HTTP app at ``/mcp``, behind the token check (if a token is set) and the body limit.
+
+    Sessions are capped at ``mcp_max_sessions`` (the longest-idle one makes room for a new one) and closed
+    after ``mcp_session_idle_s`` without a request.
+    """
     max_bytes = int(settings.mcp_max_body_mb * 2**20)
     app: ASGIApp = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         max_request_body_size=max_bytes,
         transport_security=transport_security(settings),
         host=settings.mcp_host,
+        max_sessions=settings.mcp_max_sessions,
+        session_idle_timeout=settings.mcp_session_idle_s,
     )
+    SessionEvictor(server.session_manager, settings.mcp_max_sessions).install()
     app = DisconnectMiddleware(app)
     app = BodyLimitMiddleware(app, max_bytes)
     if settings.mcp_token:
@@ -510,8 +535,6 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def _run_http(server: MCPServer[AppContext], settings: Settings) -> None:
-    import uvicorn
-
     if not _is_loopback(settings.mcp_host):
         logger.warning(
             "serving on %s, which is not a loopback address%s",
@@ -525,20 +548,31 @@ def _run_http(server: MCPServer[AppContext], settings: Settings) -> None:
         MCP_PATH,
         " (bearer token required)" if settings.mcp_token else "",
     )
-    # On SIGTERM: stop accepting, let calls in flight finish for the grace period, then cancel them (the runner
-    # drops their requests) and exit. Without a bound, an open event stream would hold the process forever.
-    config = uvicorn.Config(
-        http_app(server, settings),
-        lifespan="on",
-        log_level="info",
-        server_header=False,
-        timeout_graceful_shutdown=max(1, round(settings.mcp_shutdown_grace_s)),
-    )
+    config = uvicorn_config(http_app(server, settings), settings)
     sock = listening_socket(settings.mcp_host, settings.mcp_port)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def uvicorn_config(app: ASGIApp, settings: Settings, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: our h11 protocol with the connection limits of ``settings``.
+
+    WebSocket upgrades are off: the app has no WebSocket route, and an upgraded connection would leave the
+    protocol that enforces the limits.
+    """
+    # On SIGTERM: stop accepting, let calls in flight finish for the grace period, then cancel them (the runner
+    # drops their requests) and exit. Without a bound, an open event stream would hold the process forever.
+    return uvicorn.Config(
+        app,
+        http=limited_protocol(ConnectionLimits.from_settings(settings)),
+        ws="none",
+        lifespan="on",
+        log_level=log_level,
+        server_header=False,
+        timeout_graceful_shutdown=max(1, round(settings.mcp_shutdown_grace_s)),
+    )
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -13,7 +13,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m phi3v_mcp",
         description="Serve the phi3v-tools vision tools over MCP. Settings come from PHI3V_* environment "
         "variables (PHI3V_MODEL, PHI3V_ALLOWED_DIRS, PHI3V_ALLOW_URLS, PHI3V_MCP_HOST, PHI3V_MCP_PORT, "
-        "PHI3V_MCP_TOKEN, PHI3V_MCP_MAX_BODY_MB, PHI3V_MCP_SHUTDOWN_GRACE_S); see servers/README.md.",
+        "PHI3V_MCP_TOKEN, PHI3V_MCP_MAX_BODY_MB, PHI3V_MCP_SHUTDOWN_GRACE_S, PHI3V_MCP_MAX_SESSIONS, "
+        "PHI3V_MCP_SESSION_IDLE_S, PHI3V_MCP_MAX_CONNECTIONS, PHI3V_MCP_HEADER_TIMEOUT_S, PHI3V_MCP_BODY_TIMEOUT_S, "
+        "PHI3V_MCP_KEEP_ALIVE_S); see servers/README.md.",
     )
     parser.add_argument(
         "--transport",

@@ -89,12 +89,14 @@ def policy(allowed: Path) -> ImagePolicy:
 def test_a_path_inside_an_allowed_directory_loads_as_str_or_pathlike(allowed: Path, policy: ImagePolicy) -> None:
     path = allowed / "picture.png"
     path.write_bytes(PNG)
-    for ref in (path, str(path), f"  {path}\n"):
+    for ref in (path, str(path)):
         loaded = load_image(ref, policy)
         assert (loaded.width, loaded.height) == (16, 12)
         assert loaded.image.mode == "RGB"
         assert loaded.digest == image_digest(noise())
         assert "picture.png" in loaded.source
+    # a path is used exactly as given (a name may end with a space); the message says why it was not found
+    _refused(f"{path} ", policy, "no image file at", "(the name ends with a space)")
 
 
 def test_a_path_outside_the_allowed_directories_is_refused(allowed: Path, outside: Path, policy: ImagePolicy) -> None:
@@ -117,14 +119,17 @@ def test_a_symlink_inside_the_allowed_directory_pointing_outside_is_refused(
     (outside / "secret.png").write_bytes(PNG)
     (allowed / "link.png").symlink_to(outside / "secret.png")
     (allowed / "dirlink").symlink_to(outside, target_is_directory=True)
-    _refused(allowed / "link.png", policy, "outside the allowed directories")
-    _refused(allowed / "dirlink" / "secret.png", policy, "outside the allowed directories")
+    _refused(allowed / "link.png", policy, "is a symbolic link", "outside the allowed directories")
+    _refused(allowed / "dirlink" / "secret.png", policy, "goes through a symbolic link ('dirlink')")
 
 
-def test_a_symlink_to_a_file_inside_the_allowed_directory_loads(allowed: Path, policy: ImagePolicy) -> None:
+def test_a_symlink_inside_the_allowed_directory_is_not_followed_even_to_a_file_inside(
+    allowed: Path, policy: ImagePolicy
+) -> None:
     (allowed / "real.png").write_bytes(PNG)
     (allowed / "alias.png").symlink_to(allowed / "real.png")
-    assert load_image(allowed / "alias.png", policy).digest == image_digest(noise())
+    _refused(allowed / "alias.png", policy, "is a symbolic link; links are not followed", "give the path of the file")
+    assert load_image(allowed / "real.png", policy).digest == image_digest(noise())
 
 
 def test_a_directory_or_a_missing_file_is_an_error(allowed: Path, policy: ImagePolicy) -> None:
@@ -142,7 +147,7 @@ def test_proc_and_dev_files_are_outside_the_default_allowed_directories(allowed:
 def test_with_root_allowed_devices_are_not_regular_files_and_proc_text_is_not_an_image() -> None:
     everything = ImagePolicy(allowed_dirs=(Path("/"),))
     _refused("/dev/zero", everything, "is not a regular file")
-    message = _refused("/proc/self/status", everything, "not a readable image", "PNG, JPEG")
+    message = _refused(f"/proc/{os.getpid()}/status", everything, "not a readable image", "PNG, JPEG")
     assert "VmRSS" not in message and "Name:" not in message  # the file's text is not echoed back
 
 
@@ -331,6 +336,44 @@ def test_the_store_is_a_bounded_lru() -> None:
     assert store.get(loaded[2].digest) is loaded[2]
     store.add(loaded[2])  # re-adding does not grow it
     assert sum(store.get(x.digest) is not None for x in loaded) == 2
+
+
+def test_the_store_is_bounded_in_pixel_bytes_as_well_as_count() -> None:
+    flat = [LoadedImage(Image.new("RGB", (100, 100), (i, 0, 0)), f"{i:064x}", "test") for i in range(5)]
+    store = ImageStore(max_images=64, max_bytes=100_000)  # 30000 bytes an image: three fit
+    for loaded in flat:
+        store.add(loaded)
+    assert len(store) == 3 and store.nbytes == 90_000
+    assert [store.get(x.digest) is not None for x in flat] == [False, False, True, True, True]
+    store.add(flat[2])  # re-adding counts once
+    assert store.nbytes == 90_000
+    big = LoadedImage(Image.new("RGB", (200, 200)), "f" * 64, "big")  # 120000 bytes: larger than the store
+    store.add(big)
+    assert store.get(big.digest) is None and len(store) == 3 and store.nbytes == 90_000
+    few = ImageStore(max_images=2, max_bytes=10**9)
+    for loaded in flat:
+        few.add(loaded)
+    assert len(few) == 2 and few.nbytes == 60_000
+
+
+def test_large_flat_pngs_keep_the_store_within_its_bytes(allowed: Path, policy: ImagePolicy) -> None:
+    """Large flat PNGs are a few kilobytes each but 12 MB of pixels: the store keeps what fits in its bytes."""
+    store = ImageStore(max_bytes=32 * 2**20)
+    for i in range(8):
+        data = encode(Image.new("RGB", (2000, 2000), (i, i, i)), optimize=True)
+        load_image(data, policy, store)
+    assert len(store) == 2 and store.nbytes == 2 * 2000 * 2000 * 3
+
+
+def test_a_stored_image_is_our_own_plain_copy(policy: ImagePolicy) -> None:
+    """Not the caller's image (which it may change later), nor the decoded file with its buffers and metadata."""
+    mine = noise(8, 6)
+    loaded = load_image(mine, policy)
+    assert loaded.image is not mine
+    mine.putpixel((0, 0), (1, 2, 3))
+    assert image_digest(loaded.image) == loaded.digest
+    decoded = load_image(encode(noise(8, 6), "JPEG", comment=b"x" * 1000), policy)
+    assert type(decoded.image) is Image.Image and decoded.image.info == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -782,7 +825,7 @@ def test_urls_with_credentials_are_refused(web: Recorder) -> None:
 # check_address
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2001:4860:4860::8888", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2001:4860:4860::8888"])
 def test_public_addresses_pass(address: str) -> None:
     assert check_address(address) is None
 
@@ -809,6 +852,7 @@ def test_public_addresses_pass(address: str) -> None:
         "::ffff:10.0.0.1",
         "::ffff:127.0.0.1",
         "::ffff:169.254.169.254",
+        "::ffff:8.8.8.8",  # IPv4-mapped: refused whatever it maps to (give the IPv4 address itself)
         "0.0.0.0",
         "0.1.2.3",
         "::",

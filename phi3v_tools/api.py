@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from phi3v_tools.images import ImageRef
+from phi3v_tools.images import ImageRef, ImageStore
 from phi3v_tools.runner import get_runner
 from phi3v_tools.settings import Settings
 from phi3v_tools.tools import Answer, Detail, ImageComparison, ImageDescription, TextReading, Toolbox
@@ -26,6 +26,7 @@ def toolbox_from_settings(settings: Settings) -> Toolbox:
     return Toolbox(
         lambda: get_runner(settings),
         settings.image_policy(),
+        store=ImageStore(max_bytes=int(settings.image_store_mb * 2**20)),
         max_compare=settings.max_compare,
         schema_limits=settings.schema_limits(),
     )

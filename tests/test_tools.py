@@ -22,6 +22,7 @@ from phi3v_tools.feature_cache import image_digest
 from phi3v_tools.images import HANDLE_PREFIX, ImagePolicy
 from phi3v_tools.model.processing import IMAGE_TAG
 from phi3v_tools.runner import Runner
+from phi3v_tools.settings import Settings
 from phi3v_tools.tools import (
     Answer,
     ImageComparison,
@@ -579,3 +580,8 @@ def test_the_python_api_uses_the_default_toolbox(
     assert read.fields is not None and list(read.fields) == ["title"]
     assert all(r.call.model == "fake-phi3v" for r in (described, read, compared, asked))
     assert phi3v_tools.describe_image is api.describe_image
+
+
+def test_the_handle_store_of_a_toolbox_from_settings_is_bounded_by_image_store_mb() -> None:
+    toolbox = api.toolbox_from_settings(Settings(model="tiny", image_store_mb=1.5))
+    assert toolbox.store.max_bytes == int(1.5 * 2**20)

@@ -165,7 +165,7 @@ class Toolbox:
     ) -> None:
         self._backend = backend
         self.policy = policy or ImagePolicy()
-        self.store = store or ImageStore()
+        self.store = store if store is not None else ImageStore()  # an empty store is falsy (len 0)
         self.max_compare = max_compare
         self.multi_image_num_crops = multi_image_num_crops
         self.schema_limits = schema_limits  # a caller's output schema is checked with these before any image loads

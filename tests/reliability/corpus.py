@@ -28,6 +28,7 @@ from PIL import Image
 
 from phi3v_tools import images as images_module
 from phi3v_tools.images import HANDLE_PREFIX, ImagePolicy
+from tests import bombs
 from tests.hostile import (
     HTML,
     PNG,
@@ -156,12 +157,22 @@ FAKE_DNS = {
     "private.test": ["10.20.30.40"],
     "mixed.test": [PUBLIC, "127.0.0.2"],  # one public and one internal address: refused as a whole
     "v6-internal.test": ["::1"],
+    "xn--bcher-kva.test": ["127.0.0.2"],  # bücher.test, IDNA-encoded: the address check must still apply
 }
 
 
 def _resolver(host: str, port: int) -> list[str]:
     """A fixed DNS for the corpus's host names; anything else goes to the system resolver (numeric forms)."""
     return FAKE_DNS.get(host.lower()) or images_module._system_resolver(host, port)
+
+
+def _raw(response: bytes) -> Callable[[RecordingHandler], None]:
+    """A route that writes ``response`` as it is: headers a real server would not send."""
+
+    def route(h: RecordingHandler) -> None:
+        h.wfile.write(response)
+
+    return route
 
 
 def _silent(seconds: float) -> Callable[[RecordingHandler], None]:
@@ -199,6 +210,7 @@ def make_env(root: Path, web: Recorder, internal: Recorder) -> HostileEnv:
     (secret / "secret.png").write_bytes(PNG)
     (secret / "secret.txt").write_text("do not read")
     (allowed / "link-out.png").symlink_to(secret / "secret.png")
+    (allowed / "link-in.png").symlink_to(good)
     (allowed / "linkdir").symlink_to(secret, target_is_directory=True)
     os.mkfifo(allowed / "pipe.png")  # opening it would block forever
     (allowed / "text.png").write_text("this is a text file, not a picture\n")
@@ -226,6 +238,11 @@ def make_env(root: Path, web: Recorder, internal: Recorder) -> HostileEnv:
         "/redirect-decimal": redirect_route(f"http://2130706434:{internal.port}/x.png"),
         "/redirect-file": redirect_route("file:///etc/passwd"),
         "/redirect-loop": redirect_route("/redirect-loop"),
+        "/redirect-nat64-local-use": redirect_route("http://[64:ff9b:1::7f00:2]/x.png"),
+        "/caf%C3%A9.png": body_route(PNG),
+        "/a%20b.png": body_route(PNG),
+        "/bad-length": _raw(b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nContent-Length: abc\r\n\r\n" + PNG),
+        "/two-lengths": _raw(b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\nContent-Length: 10\r\n\r\n" + PNG),
         "/missing": lambda h: h.send_error(404, "not here"),
     }
     web.routes.update(routes)
@@ -299,6 +316,7 @@ def _internal(host: str) -> Args:
 
 
 OUTSIDE = r"outside the allowed directories"
+LINK = r"symbolic link; links are not followed|goes through a symbolic link"
 NOT_IMAGE = r"not a readable image"
 REFUSED_ADDRESS = r"refusing to fetch .*(loopback|special-purpose|private)"
 TIMEOUT = r"took longer than"
@@ -316,8 +334,9 @@ def _file_cases() -> list[Case]:
             _describe(lambda env: f"{env.allowed}/../secret/secret.png"),
             OUTSIDE,
         ),
-        Case("symlink-file-out", "describe_image", _path("link-out.png"), OUTSIDE),
-        Case("symlink-dir-out", "describe_image", _path("linkdir/secret.png"), OUTSIDE),
+        Case("symlink-file-out", "describe_image", _path("link-out.png"), LINK),
+        Case("symlink-dir-out", "describe_image", _path("linkdir/secret.png"), LINK),
+        Case("symlink-inside-allowed", "describe_image", _path("link-in.png"), LINK),  # even one that stays inside
         Case("etc-passwd", "describe_image", _image("/etc/passwd"), OUTSIDE),
         Case("proc-environ", "describe_image", _image("/proc/self/environ"), OUTSIDE),
         Case("proc-mem", "describe_image", _image("/proc/self/mem"), OUTSIDE),
@@ -330,6 +349,10 @@ def _file_cases() -> list[Case]:
         Case("very-long-path", "describe_image", _path("a" * 5000 + ".png"), r"file name too long"),
         Case("relative-path-outside", "describe_image", _image("../../../etc/passwd"), OUTSIDE),
         Case("home-expansion", "describe_image", _image("~/.ssh/id_rsa"), OUTSIDE),
+        Case("home-of-another-user", "describe_image", _image("~root/.ssh/id_rsa"), r"other users' home"),
+        Case("home-of-no-user", "describe_image", _image("~nosuchuser42/x.png"), r"other users' home"),
+        Case("name-with-a-trailing-space", "describe_image", _path("good.png "), r"the name ends with a space"),
+        Case("name-with-a-leading-space", "describe_image", _path(" good.png"), r"starts with a space"),
         Case("file-url-etc", "describe_image", _image("file:///etc/passwd"), OUTSIDE),
         Case("file-url-localhost", "describe_image", _image("file://localhost/etc/shadow"), OUTSIDE),
         Case("file-url-other-host", "describe_image", _image("file://evil.example/share/x.png"), r"local file"),
@@ -355,6 +378,9 @@ def _file_cases() -> list[Case]:
 
 
 def _byte_cases() -> list[Case]:
+    def bomb(case_id: str, data: bytes, problem: str) -> Case:
+        return Case(case_id, "describe_image", _image(data_uri(data)), r"refused before decoding: .*" + problem)
+
     return [
         Case("zero-bytes-data-uri", "describe_image", _image("data:image/png;base64,"), r"is empty"),
         Case("truncated-png", "describe_image", _image(data_uri(PNG[: len(PNG) // 2])), NOT_IMAGE),
@@ -379,6 +405,25 @@ def _byte_cases() -> list[Case]:
         Case("data-uri-not-base64", "describe_image", _image("data:text/html,<script>alert(1)</script>"), r"data: URI"),
         Case("bare-garbage-string", "describe_image", _image("!!!"), OUTSIDE),
         Case("bare-base64-of-text", "describe_image", _image(base64.b64encode(b"hello " * 80).decode()), NOT_IMAGE),
+        # Decode bombs the pixel cap does not see: refused from the file's structure before decoding.
+        bomb("tiff-tile-far-larger-than-the-image", bombs.tiff_huge_tile(real=False), r"TIFF tile of 32768x32768"),
+        bomb("tiff-strip-far-larger-than-the-image", bombs.tiff_huge_strip(), r"TIFF strip of 4096x65536"),
+        bomb("tiff-strip-bytes-beyond-the-file", bombs.tiff_huge_byte_count(), r"claims 4294967295 bytes"),
+        bomb("tiff-listing-200000-strips", bombs.tiff_many_strips(200_000), r"lists 200000 strip offsets"),
+        bomb("tiff-directory-of-100000-entries", bombs.tiff_many_entries(100_000), r"100000 entries; at most 65535"),
+        bomb("tiff-chain-of-20000-pages", bombs.tiff_long_chain(20_000), r"more than 4096 pages"),
+        bomb("jpeg-repeating-one-scan-20000-times", bombs.jpeg_repeated_scans(scans=20_000), r"scans; at most 100"),
+        bomb("mpo-repeating-one-scan-20000-times", bombs.mpo_repeated_scans(20_000), r"scans; at most 100"),
+        bomb("jpeg-with-100000-segments", bombs.jpeg_many_markers(100_000), r"more than 4096 marker segments"),
+        bomb("png-with-100000-chunks", bombs.png_many_chunks(100_000), r"more than 50000 chunks"),
+        bomb("gif-with-200000-extensions", bombs.gif_many_extensions(200_000), r"more than 100000 extension blocks"),
+        Case(  # an EXIF block no JPEG could carry (>64 KiB) is ignored: the picture itself is fine
+            "png-with-an-800-kb-exif-block",
+            "describe_image",
+            _image(data_uri(bombs.png_with_exif(bombs.exif_block(count=8000, value_bytes=100)))),
+            None,
+            _size(8, 8),
+        ),
         # Unusual but valid pictures: they must work.
         Case(
             "extreme-aspect-1x10000", "describe_image", _image(data_uri(encode(noise(1, 10000)))), None, _size(1, 10000)
@@ -423,6 +468,14 @@ def _url_cases() -> list[Case]:
         refused("metadata-aws-ipv6", _image("http://[fd00:ec2::254]/latest/meta-data/")),
         refused("metadata-nat64", _image("http://[64:ff9b::a9fe:a9fe]/")),
         refused("metadata-6to4", _image("http://[2002:a9fe:a9fe::1]/")),
+        refused("nat64-local-use", _image("http://[64:ff9b:1::a9fe:a9fe]/latest/meta-data/")),
+        refused("redirect-to-nat64-local-use", _url("/redirect-nat64-local-use")),
+        refused("idn-host-resolving-internal", _describe(lambda env: f"http://bücher.test:{env.iport}/x.png")),
+        refused("benchmarking-range", _image("http://198.18.0.1/x.png")),
+        refused("as112-anycast", _image("http://192.175.48.1/x.png")),
+        refused("ipv6-documentation", _image("http://[2001:db8::1]/x.png")),
+        refused("ipv6-discard-only", _image("http://[100::1]/x.png")),
+        refused("ipv6-site-local", _image("http://[fec0::1]/x.png")),
         refused("private-10", _image("http://10.0.0.1/x.png")),
         refused("private-172", _image("http://172.16.5.4/x.png")),
         refused("private-192", _image("http://192.168.1.1/x.png")),
@@ -455,6 +508,16 @@ def _url_cases() -> list[Case]:
         Case("gopher-scheme", "describe_image", _image("gopher://127.0.0.2:70/_x"), r"scheme 'gopher'"),
         Case("credentials-in-url", "describe_image", _url_with_credentials(), r"credentials"),
         Case("invalid-port", "describe_image", _image("http://127.0.0.1:99999/x.png"), r"invalid port"),
+        Case("unclosed-ipv6-bracket", "describe_image", _image("http://[::1/x.png"), r"malformed address"),
+        Case("port-zero", "describe_image", _image("http://127.0.0.1:0/x.png"), r"invalid port \(0\)"),
+        Case(
+            "host-with-a-space", "describe_image", _image("http://exa mple.test/x.png"), r"host name that is not valid"
+        ),
+        Case("url-of-20000-characters", "describe_image", _image("http://" + "a" * 20000), r"at most 16384"),
+        Case("non-ascii-path", "describe_image", _url("/café.png"), None, _size(16, 12)),
+        Case("space-in-path", "describe_image", _url("/a b.png"), None, _size(16, 12)),
+        Case("non-numeric-content-length", "describe_image", _url("/bad-length"), r"invalid Content-Length \('abc'\)"),
+        Case("conflicting-content-lengths", "describe_image", _url("/two-lengths"), r"conflicting Content-Length"),
     ]
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from PIL import Image
 
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_tools.runner import Runner
@@ -220,3 +221,69 @@ def test_a_20_mb_schema_is_refused_before_any_tokenizing_and_does_not_delay_a_ca
     assert beside.error is None, beside.error
     assert waited < 10, f"the innocent call took {waited:.1f} s beside the 20 MB schema"
     assert len(env.prompts) - prompts == 1  # only the innocent call's prompt was ever tokenized
+
+
+@pytest.mark.parametrize("surface_name", ["python", "mcp_http"])
+def test_messages_for_present_and_absent_files_outside_the_allowed_directory_are_the_same(
+    surface_name: str, env: HostileEnv, surfaces: dict[str, Any]
+) -> None:
+    """No existence oracle: whatever is (or is not) at a path outside the allowed directory, or in another user's
+    home, the answer reads the same once the name itself is taken out of it."""
+    surface = surfaces[surface_name]
+    based = env.secret / ("Q" * 200) / ("Q" * 100)  # a long base64-looking path: it must not be looked up either
+    based.parent.mkdir(exist_ok=True)
+    based.write_bytes(b"x")
+    pairs = [
+        (str(env.secret / "secret.png"), str(env.secret / "absent.png")),
+        (str(based), str(based.parent / ("R" * 100))),
+        ("~root/.profile", "~nosuchuser42/.profile"),
+    ]
+    for present, absent in pairs:
+        answers = []
+        for path in (present, absent):
+            outcome = surface.call("describe_image", {"image": path, "detail": "brief"})
+            assert outcome.error is not None, outcome.result
+            shown = outcome.error.replace(path, "<path>").replace(path[:100], "<path>")
+            answers.append(shown.replace(path.split("/")[0], "<user>") if path.startswith("~") else shown)
+        assert answers[0] == answers[1], answers
+        assert re.search(r"outside the allowed directories|other users' home|base64 data is not", answers[0]), answers
+
+
+@pytest.mark.parametrize("surface_name", ["python", "mcp_http"])
+def test_a_file_swapped_for_a_link_to_a_secret_never_yields_the_secrets_pixels(
+    surface_name: str, env: HostileEnv, surfaces: dict[str, Any]
+) -> None:
+    """The check-then-open race, through a surface: a thread swaps a picture in the allowed directory for a symlink
+    to a file outside, as fast as it can, while calls read it. Every answer is the picture or a clear error."""
+    surface = surfaces[surface_name]
+    picture = env.allowed / "swap-source.png"
+    target = env.allowed / "swap.png"
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(picture)  # the secret is 16x12
+    stop = threading.Event()
+
+    def swap() -> None:
+        link, copy = env.allowed / "swap.link", env.allowed / "swap.copy"
+        while not stop.is_set():
+            link.unlink(missing_ok=True)
+            link.symlink_to(env.secret / "secret.png")
+            os.replace(link, target)
+            copy.write_bytes(picture.read_bytes())
+            os.replace(copy, target)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    sizes, errors = set(), set()
+    try:
+        for _ in range(40 if surface_name == "mcp_http" else 200):
+            outcome = surface.call("describe_image", {"image": str(target), "detail": "brief"})
+            if outcome.result is not None:
+                info = outcome.result["images"][0]
+                sizes.add((info["width"], info["height"]))
+            else:
+                assert outcome.error is not None
+                errors.add(re.sub(r"'[^']*'", "'…'", outcome.error)[:80])
+    finally:
+        stop.set()
+        swapper.join(5)
+    assert sizes <= {(40, 30)}, f"the secret's pixels came back: {sizes}"
+    assert all("symbolic link" in e or "not a readable image" in e or "no image file" in e for e in errors), errors

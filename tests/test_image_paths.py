@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from phi3v_tools import images as images_module
+from phi3v_tools import image_files
 from phi3v_tools.errors import ImageError
 from phi3v_tools.feature_cache import image_digest
 from phi3v_tools.images import ImagePolicy, load_image
@@ -262,7 +262,7 @@ def test_an_allowed_directory_given_through_a_link_accepts_both_spellings(tmp_pa
 def test_the_fallback_without_dir_fd_refuses_links_and_reads_files(
     allowed: Path, secret: Path, policy: ImagePolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(images_module, "_DIR_FD", False)
+    monkeypatch.setattr(image_files, "_DIR_FD", False)
     (allowed / "link.png").symlink_to(secret)
     (allowed / "sub").mkdir()
     (allowed / "sub" / "in.png").write_bytes(GOOD)

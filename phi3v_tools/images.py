@@ -293,6 +293,8 @@ def decode_bytes(data: bytes, source: str, policy: ImagePolicy) -> LoadedImage:
         raise ImageError(f"{source} is refused before decoding: {problem} (a decode bomb?)")
     try:
         with warnings.catch_warnings():
+            # A crafted file can make Pillow warn once per broken tag (65,535 lines for one TIFF): not a log to keep.
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=_decoders())  # no other decoder is tried
             _check_pixels(image.width, image.height, source, policy)
@@ -362,7 +364,9 @@ def _check_pixels(width: int, height: int, source: str, policy: ImagePolicy) -> 
 
 def _finish(image: Image.Image, source: str, policy: ImagePolicy) -> LoadedImage:
     _check_pixels(image.width, image.height, source, policy)
-    rgb = to_rgb(image)  # EXIF orientation applied, any mode -> 8-bit RGB; raises ImageError on bad data
+    with warnings.catch_warnings():  # reading a crafted EXIF block warns per broken tag, too
+        warnings.simplefilter("ignore")
+        rgb = to_rgb(image)  # EXIF orientation applied, any mode -> 8-bit RGB; raises ImageError on bad data
     if rgb is image:  # our own copy: not the caller's image, nor the decoded file with its buffers and metadata
         rgb = rgb.copy()
     rgb.info = {}

@@ -7,6 +7,7 @@ benchmarks/decode_bombs.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -340,3 +341,13 @@ def test_the_checks_never_raise_and_stay_fast_on_mutated_files(data: bytes) -> N
         decode_bytes(data, "fuzzed bytes", POLICY)
     except ImageError as exc:
         assert str(exc)
+
+
+def test_a_file_full_of_broken_tags_decodes_without_a_warning_per_tag(recwarn: pytest.WarningsRecorder) -> None:
+    """Pillow warns once per tag whose data lies beyond the file: 65,535 log lines from one upload otherwise."""
+    from tests import bombs
+
+    for data in (bombs.tiff_huge_subifd(count=20_000), bombs.png_with_exif(bombs.exif_block(count=8000))):
+        with contextlib.suppress(ImageError):
+            decode_bytes(data, "x", ImagePolicy())
+    assert len(recwarn) == 0, [str(w.message) for w in list(recwarn)[:3]]

@@ -196,7 +196,8 @@ def _link_message(shown: str, part: str, last: bool) -> str:
 def _spaces(path: str) -> str:
     """A hint when a name (the path's last part, or the whole of it) starts or ends with whitespace (paths are
     used exactly as given)."""
-    path = re.split(r"[/\\]", path)[-1] or path
+    name = re.split(r"[/\\]", path)[-1]
+    path = path if path[:1].isspace() or not name else name
     names = {" ": "a space", "\t": "a tab", "\n": "a newline", "\r": "a carriage return"}
     ends = [f"{end} with {names.get(ch, 'whitespace')}" for end, ch in (("starts", path[:1]), ("ends", path[-1:]))]
     ends = [e for e, ch in zip(ends, (path[:1], path[-1:]), strict=True) if ch.isspace()]

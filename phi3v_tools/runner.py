@@ -55,7 +55,7 @@ from phi3v_tools.model.config import STOP_TOKEN_IDS
 from phi3v_tools.model.generation import BatchDecoder
 from phi3v_tools.model.image_processing import CROP_SIZE, num_image_tokens_for_grid, preprocess_image
 from phi3v_tools.model.modeling import Phi3VForCausalLM
-from phi3v_tools.model.processing import CHAT_ROLES, IMAGE_TAG, Phi3VProcessor
+from phi3v_tools.model.processing import CHAT_ROLES, IMAGE_TAG, Phi3VProcessor, check_text
 from phi3v_tools.settings import Settings
 from phi3v_tools.structured import OutputSchema, prepare_schema
 
@@ -265,13 +265,7 @@ def _check_messages(messages: Any, max_chars: int) -> None:
         total += len(content)
         if total > max_chars:
             raise PromptError(f"the messages have more than {max_chars} characters; shorten them")
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PromptError(
-                f"message {i + 1} is not valid Unicode text: a lone surrogate {content[exc.start]!r} at character "
-                f"{exc.start}; send UTF-8 text"
-            ) from None
+        check_text(content, f"message {i + 1}")
 
 
 def _with_image_tags(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from phi3v_tools.errors import PromptError
 from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
-from phi3v_tools.model.processing import IMAGE_TAG
+from phi3v_tools.model.processing import IMAGE_TAG, check_text
 from phi3v_tools.runner import GenerationRequest, GenerationResult
 from phi3v_tools.structured import DEFAULT_LIMITS, SchemaLimits, check_schema
 
@@ -388,12 +388,7 @@ def _text_argument(name: str, value: Any, *, optional: bool) -> str | None:
         return None
     if not isinstance(value, str):
         raise PromptError(f"{name} must be {'text or null' if optional else 'text'}, not {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PromptError(
-            f"{name} is not valid Unicode text: a lone surrogate {value[exc.start]!r} at character {exc.start}"
-        ) from None
+    check_text(value, name)
     return value
 
 

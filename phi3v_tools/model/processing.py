@@ -38,6 +38,17 @@ _CONTENT = re.compile("\ue000(\\d+)\ue001")  # where message k's content goes in
 ImagesArg = Image.Image | Sequence[Image.Image] | None
 
 
+def check_text(text: str, what: str) -> None:
+    """PromptError unless ``text`` is valid Unicode (a lone surrogate cannot be encoded, nor tokenized)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(
+            f"{what} is not valid Unicode text: a lone surrogate {text[exc.start]!r} at character {exc.start}; "
+            "send UTF-8 text"
+        ) from None
+
+
 def check_image_tags(prompt: str, num_images: int) -> list[int]:
     """The tag numbers of ``prompt`` in order; PromptError unless they are exactly 1..num_images in order."""
     tags = [int(k) for k in IMAGE_TAG.findall(prompt)]

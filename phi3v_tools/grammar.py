@@ -52,7 +52,10 @@ class GrammarCompiler:
                 self._grammars.move_to_end(key)
                 return cached
         llg = _llguidance()
-        grammar = llg.LLMatcher.grammar_from_json_schema(key, defaults={"whitespace_flexible": False})
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(key, defaults={"whitespace_flexible": False})
+        except (ValueError, RuntimeError) as exc:  # e.g. "number out of range"
+            raise PromptError(f"the JSON schema cannot be used for constrained generation: {str(exc)[:300]}") from None
         matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             problem = matcher.get_error().split("\n")[0]

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -136,7 +138,9 @@ class RequestHandle:
         self.started = self.submitted  # when its batch began
         self.future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
         self.finishing = False  # its tokens are complete and its result is being made (off the worker)
-        self.streamed = 0  # characters already sent to on_text (a re-run after a failed step skips them)
+        self.streamed = ""  # text already sent to on_text (a re-run after a failed step skips it)
+        # Sampling without a seed still gets one, drawn once: a re-run after a failed step then samples the same.
+        self.seed = request.seed if request.seed is not None or request.temperature <= 0 else secrets.randbits(63)
         self._cancelled = threading.Event()
 
     @property
@@ -152,12 +156,14 @@ class RequestHandle:
         return self._cancelled.is_set()
 
     def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # a caller may cancel it at the same moment
+            if not self.future.done():
+                self.future.set_exception(error)
 
     def finish(self, result: GenerationResult) -> None:
-        if not self.future.done():
-            self.future.set_result(result)
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if not self.future.done():
+                self.future.set_result(result)
 
     @property
     def pending(self) -> bool:
@@ -215,7 +221,7 @@ class _Row:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     text: TextDeltas | None = None  # streaming: the text pieces not yet sent
-    produced: int = 0  # characters of streamed text this attempt has produced
+    produced: str = ""  # streamed text this attempt has produced
     first_token_at: float = 0.0
     last_token_at: float = 0.0
 
@@ -247,6 +253,10 @@ class TextDeltas:
 
 def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
 
 def _check_messages(messages: Any, max_chars: int) -> None:
@@ -395,11 +405,25 @@ class Runner:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run a request without blocking the event loop; cancelling the awaiting task cancels the request."""
-        if request.json_schema is not None:  # checking and compiling a schema is CPU work: not on the loop
-            handle = await asyncio.to_thread(self.submit, request)
-        else:
-            handle = self.submit(request)
+        handle = await self._submit_async(request)
         return await handle.wait_async()
+
+    async def _submit_async(self, request: GenerationRequest) -> RequestHandle:
+        """:meth:`submit` from an event loop: a schema is checked and compiled in a thread (CPU work, not on the
+        loop), and if the awaiting task is cancelled meanwhile, the request it submits is cancelled too."""
+        if request.json_schema is None:
+            return self.submit(request)
+        submitting = asyncio.get_running_loop().run_in_executor(None, self.submit, request)
+        try:
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+
+            def cancel_it(done: asyncio.Future[RequestHandle]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    done.result().cancel()
+
+            submitting.add_done_callback(cancel_it)
+            raise
 
     def stream(self, request: GenerationRequest) -> TextStream:
         """``async for piece in runner.stream(req)``: the answer's text as it is generated; then ``.result``."""
@@ -419,7 +443,7 @@ class Runner:
                 break
         for handle in self._carry:
             handle.fail(CancelledError("the runner was closed"))
-        self._outputs.shutdown(wait=False, cancel_futures=True)
+        self._outputs.shutdown(wait=False)  # results being made are still made (bounded work)
 
     def _check_limits(self, request: GenerationRequest) -> None:
         s = self.settings
@@ -431,6 +455,15 @@ class Runner:
         crops = request.num_crops
         if crops is not None and (not isinstance(crops, int) or isinstance(crops, bool) or not 1 <= crops <= 16):
             raise PromptError(f"num_crops must be between 1 and 16, got {crops!r}")
+        if not _number_in(request.temperature, 0, 100):
+            raise PromptError(f"temperature must be a number from 0 to 100, got {request.temperature!r}")
+        if request.top_p is not None and not (_number_in(request.top_p, 0, 1) and request.top_p > 0):
+            raise PromptError(f"top_p must be a number above 0 and at most 1, got {request.top_p!r}")
+        seed = request.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+            raise PromptError(f"seed must be an integer from 0 to 2^63 - 1, got {seed!r}")
+        if request.timeout_s is not None and not _number_in(request.timeout_s, 0, 7 * 86400):
+            raise PromptError(f"timeout_s must be a number of seconds from 0 to a week, got {request.timeout_s!r}")
         _check_messages(request.messages, s.max_prompt_chars)
 
     # -- the worker ---------------------------------------------------------------------------------------------------
@@ -438,9 +471,15 @@ class Runner:
     def _work(self) -> None:
         while not self._closed.is_set():
             batch = self._collect()
-            if batch:
-                self.batches += 1
+            if not batch:
+                continue
+            self.batches += 1
+            try:
                 self._run(batch)
+            except BaseException as exc:  # noqa: BLE001  # e.g. a grammar engine's panic: the worker must live on
+                logger.exception("a batch failed outside its rows' own work")
+                for handle in batch:
+                    handle.fail(GenerationError(f"internal error while generating: {exc}"))
 
     def _next(self, timeout: float) -> RequestHandle | None:
         if self._carry:
@@ -568,6 +607,12 @@ class Runner:
             logger.exception("a decoding step failed for a batch of %d", len(group))
             failure = GenerationError(f"internal error while generating: {exc}")
             what = "a step failed"
+        except BaseException as exc:  # a native library's panic (not an Exception): treated the same
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            logger.exception("a decoding step failed for a batch of %d", len(group))
+            failure = GenerationError(f"internal error while generating: {exc}")
+            what = "a step failed"
         group = [p for p in group if p.handle.pending]
         if len(group) == 1:
             group[0].handle.fail(failure)
@@ -593,7 +638,7 @@ class Runner:
             input_ids[i, longest - len(p.ids) :] = torch.tensor(p.ids)
             mask[i, longest - len(p.ids) :] = 1
         features = [f for p in group for f in p.features]
-        rows = [_Row(p, _generator(p.handle.request.seed)) for p in group]
+        rows = [_Row(p, _generator(p.handle.seed)) for p in group]
         bitmask = self.grammars.allocate(len(rows)) if any(p.constraint for p in group) else None
         with torch.inference_mode():
             embeds = self.model.embed(input_ids.to(device), image_features=features)
@@ -699,10 +744,13 @@ class Runner:
         if not delta:
             return
         handle = row.prepared.handle
-        row.produced += len(delta)
-        if row.produced <= handle.streamed:  # a re-run after a failed step: this part was sent already
+        row.produced += delta
+        sent = handle.streamed
+        if not (row.produced.startswith(sent) or sent.startswith(row.produced)):
+            raise GenerationError("the answer changed when it was re-run after a failed step; retry the request")
+        if len(row.produced) <= len(sent):  # a re-run after a failed step: this part was sent already
             return
-        delta = delta[len(delta) - (row.produced - handle.streamed) :]
+        delta = row.produced[len(sent) :]
         handle.streamed = row.produced
         on_text = handle.request.on_text
         try:
@@ -788,12 +836,20 @@ class TextStream:
                 listener(piece)
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        handle = self._runner.submit(replace(self._request, on_text=on_text))
+        handle = await self._runner._submit_async(replace(self._request, on_text=on_text))
         handle.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(pieces.put_nowait, None))
         try:
-            while (piece := await pieces.get()) is not None:
+            while True:
+                remaining = max(handle.deadline - time.perf_counter(), 0.0) + WATCHDOG_GRACE_S
+                try:
+                    piece = await asyncio.wait_for(pieces.get(), remaining)
+                except asyncio.TimeoutError:
+                    handle.cancel()
+                    raise handle._timed_out() from None
+                if piece is None:
+                    break
                 yield piece
-            self.result = await asyncio.wrap_future(handle.future)
+            self.result = await handle.wait_async()
         finally:
             if not handle.future.done():
                 handle.cancel()

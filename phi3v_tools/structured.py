@@ -175,6 +175,11 @@ class _Walk:
                 self._string(node, path, "a string")
             elif isinstance(node, float) and not math.isfinite(node):
                 raise PromptError(f"the output schema has a non-finite number ({node}) at {_where(path)}")
+            elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > 2**53:
+                raise PromptError(
+                    f"the output schema has a number beyond 2^53 at {_where(path)}: JSON tools cannot exchange it "
+                    "exactly"
+                )
             elif not (node is None or isinstance(node, bool | int | float)):
                 raise PromptError(f"the output schema holds a {type(node).__name__} at {_where(path)}: not JSON")
 
@@ -365,27 +370,29 @@ class _ByteTokens:
 
 _REGEX_LOCK = threading.Lock()
 _REGEX_TOKENIZER: Any = None
-_REGEXES: OrderedDict[str, Any] = OrderedDict()  # pattern -> a fresh matcher to copy (bounded)
+_REGEXES: OrderedDict[str, str] = OrderedDict()  # pattern -> its compiled grammar (bounded)
+PATTERN_STEPS = 300  # what one regex match costs in validation steps (~1.5 ms each), plus one per 4 characters
 
 
 def _regex(pattern: str, what: str) -> Any:
     """A matcher of JSON strings whose text contains a match of ``pattern`` (JSON Schema's search semantics).
 
     It is the grammar engine's own compilation of ``{"type": "string", "pattern": pattern}``, so decoding
-    and validation agree on every pattern, anchors and Unicode classes included.
+    and validation agree on every pattern, anchors and Unicode classes included. The grammar is cached; the
+    matcher is new each time (copies of one matcher share its pool of regex states, which wears out).
     """
     global _REGEX_TOKENIZER
     import llguidance
     from llguidance._tokenizer import TokenizerWrapper
 
     with _REGEX_LOCK:
-        cached = _REGEXES.get(pattern)
-        if cached is not None:
-            _REGEXES.move_to_end(pattern)
-            return cached.deep_copy()
         if _REGEX_TOKENIZER is None:
             _REGEX_TOKENIZER = llguidance.LLTokenizer(TokenizerWrapper(_ByteTokens()))
         tokenizer = _REGEX_TOKENIZER
+        grammar = _REGEXES.get(pattern)
+        if grammar is not None:
+            _REGEXES.move_to_end(pattern)
+            return llguidance.LLMatcher(tokenizer, grammar, log_level=0)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
         json.dumps({"type": "string", "pattern": pattern}), defaults={"whitespace_flexible": False}
     )
@@ -398,17 +405,24 @@ def _regex(pattern: str, what: str) -> Any:
             f"or backreferences): {problem[:200]}"
         )
     with _REGEX_LOCK:
-        _REGEXES[pattern] = matcher
+        _REGEXES[pattern] = grammar
         while len(_REGEXES) > 256:
             _REGEXES.popitem(last=False)
-    return matcher.deep_copy()
+    return matcher
 
 
 def pattern_matches(pattern: str, text: str) -> bool:
     """Whether ``text`` contains a match of ``pattern``, in time linear in ``len(text)``."""
     matcher = _regex(pattern, "the pattern")
-    encoded = json.dumps(text, ensure_ascii=False).encode("utf-8")
-    return bool(matcher.consume_tokens(list(encoded))) and bool(matcher.is_accepting())
+    encoded = (
+        json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f").encode("utf-8")
+    )  # as the grammar writes it
+    matched = bool(matcher.consume_tokens(list(encoded))) and bool(matcher.is_accepting())
+    if not matched and matcher.is_error() and "doesn't satisfy the grammar" not in matcher.get_error():
+        raise GenerationError(
+            f"the answer could not be checked against the pattern {pattern[:60]!r}: it is too complex"
+        )
+    return matched
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -533,16 +547,23 @@ def _validator_class(base: Any) -> Any:
 
             return keyword
 
+        def matches(regex: str, text: str) -> bool:  # a match costs what hundreds of keyword checks do
+            _BUDGET.left -= PATTERN_STEPS + len(text) // 4
+            if _BUDGET.left < 0:
+                raise _OutOfSteps
+            return pattern_matches(regex, text)
+
         def pattern(validator: Any, value: str, instance: Any, schema: Any) -> Iterator[Any]:
-            if validator.is_type(instance, "string") and not pattern_matches(value, instance):
-                yield jsonschema.ValidationError(f"{instance!r} does not match {value!r}")
+            if validator.is_type(instance, "string") and not matches(value, instance):
+                shown = instance if len(instance) <= 60 else instance[:57] + "..."
+                yield jsonschema.ValidationError(f"{shown!r} does not match {value[:100]!r}")
 
         def pattern_properties(validator: Any, value: dict[str, Any], instance: Any, schema: Any) -> Iterator[Any]:
             if not validator.is_type(instance, "object"):
                 return
             for regex, sub in value.items():
                 for key, item in instance.items():
-                    if pattern_matches(regex, key):
+                    if matches(regex, key):
                         yield from validator.descend(item, sub, path=key, schema_path=regex)
 
         checks = dict(base.VALIDATORS)
@@ -707,7 +728,9 @@ class OutputSchema:
                         "a 'false' schema"
                         if view is _FALSE
                         else f"an {_describe(view)} needs a property or item that is not allowed, or one that refers "
-                        "back to it (make that property optional or nullable)"
+                        "back to it (make that property optional or nullable), or has a minimum length or count above "
+                        f"its maximum (answers are capped at {DEFAULT_MAX_STRING} characters and {DEFAULT_MAX_ITEMS} "
+                        "items)"
                     )
                 )
             if cost >= cap:
@@ -732,6 +755,8 @@ class OutputSchema:
             return 4
         kind = kinds[0]
         if kind == "string":
+            if view.get("minLength", 0) > view.get("maxLength", math.inf):
+                return _NO_VALUE
             return 2 + int(view.get("minLength", 0))
         if kind in ("integer", "number"):
             return 2
@@ -739,7 +764,11 @@ class OutputSchema:
             return 5
         if kind == "array":
             count = int(view.get("minItems", 0))
-            return 2.0 + sum(1 + self._sub_cost(_item_schema(view, i)) for i in range(count))
+            if count > view.get("maxItems", count):
+                return _NO_VALUE
+            prefix = min(count, len(view.get("prefixItems", ())))
+            total = 2.0 + sum(1 + self._sub_cost(_item_schema(view, i)) for i in range(prefix))
+            return total + (count - prefix) * (1 + self._sub_cost(view.get("items"))) if count > prefix else total
         props = view.get("properties", {})
         total = 2.0
         for name in view.get("required", []):

@@ -291,3 +291,90 @@ def test_special_tokens_in_a_message_reach_the_model_as_text(runner: Runner, mon
     runner.generate_sync(GenerationRequest.from_text("Hello. " + " ".join(specials), max_new_tokens=2))
     benign, injected = ([i for i in ids if i in control] for ids in seen)
     assert injected == benign == [runner.processor.tokenizer.bos_token_id, 32010, 32007, 32001]
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"timeout_s": float("inf")}, "timeout_s must be"),
+        ({"timeout_s": -1}, "timeout_s must be"),
+        ({"temperature": float("nan")}, "temperature must be"),
+        ({"temperature": "hot"}, "temperature must be"),
+        ({"top_p": 0}, "top_p must be"),
+        ({"top_p": 2.0}, "top_p must be"),
+        ({"seed": -1}, "seed must be"),
+        ({"seed": 2**64}, "seed must be"),
+    ],
+)
+def test_sampling_and_timeout_options_out_of_range_are_refused_at_submission(
+    runner: Runner, options: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(PromptError, match=problem):
+        runner.submit(GenerationRequest.from_text("x", max_new_tokens=2, **options))
+
+
+def test_a_sampled_row_without_a_seed_streams_one_answer_even_when_its_batch_is_re_run(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-run after a failed step samples the same tokens (the row got a seed of its own on its first run)."""
+    model = runner.model
+    original = model.language_model.forward
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("one failed step")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.language_model, "forward", flaky)
+    pieces: list[str] = []
+    sampled = GenerationRequest.from_text("Tell me a story.", max_new_tokens=12, temperature=1.0, on_text=pieces.append)
+    good = runner.submit(innocent())
+    handle = runner.submit(sampled)
+    result = handle.future.result(30)
+    assert "".join(pieces) == result.text
+    assert good.future.result(30).completion_tokens >= 1
+
+
+def test_closing_the_runner_answers_every_request_whose_result_is_being_made(
+    tiny_model: Phi3VForCausalLM, tiny_processor: Phi3VProcessor, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = Runner(tiny_model, tiny_processor, Settings(model=str(tiny_dir), batch_window_ms=200))
+    original = made._result
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.3)
+        return original(*args)
+
+    monkeypatch.setattr(made, "_result", slow)
+    handles = [made.submit(GenerationRequest.from_text(f"x{i}", max_new_tokens=1)) for i in range(5)]
+    while not all(h.finishing or h.future.done() for h in handles):
+        time.sleep(0.01)
+    made.close()
+    done, pending = concurrent.futures.wait([h.future for h in handles], timeout=10)
+    assert not pending, "requests being finished were left without an answer"
+
+
+def test_a_task_cancelled_while_its_schema_is_checked_cancels_the_request_it_submits(runner: Runner) -> None:
+    submitted: list[RequestHandle] = []
+    original = runner.submit
+
+    def slow_submit(request: GenerationRequest) -> RequestHandle:
+        time.sleep(0.3)
+        handle = original(request)
+        submitted.append(handle)
+        return handle
+
+    runner.submit = slow_submit  # type: ignore[method-assign]
+
+    async def go() -> None:
+        task = asyncio.ensure_future(runner.generate(hostile()))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)
+
+    asyncio.run(go())
+    assert len(submitted) == 1 and submitted[0].cancelled

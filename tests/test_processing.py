@@ -352,7 +352,9 @@ def test_official_tokenizer_dirs_load_with_their_default_num_crops(
 # Chat messages as text: no caller writes a control token
 
 _TEXT = st.lists(
-    st.sampled_from(list("ab cé東🎉\n\t .,<>|/_-x") + ["\n\n", "  ", "<|", "|>", "image", "end", "<|image_", "|"]),
+    st.sampled_from(
+        list("ab cé東🎉\n\t .,<>|/_-x\x1c\x1f\xa0\u2003") + ["\n\n", "  ", "<|", "|>", "image", "end", "<|image_", "|"]
+    ),
     max_size=12,
 ).map("".join)
 

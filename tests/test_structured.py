@@ -22,6 +22,7 @@ from phi3v_tools.runner import GenerationRequest, GenerationResult, Runner
 from phi3v_tools.structured import (
     DEFAULT_MAX_ITEMS,
     DEFAULT_MAX_STRING,
+    SchemaLimits,
     bound_schema,
     complete_json,
     minimal_value,
@@ -713,7 +714,11 @@ HOSTILE_SCHEMAS: list[tuple[str, Any, str]] = [
     ("type-unknown", {"type": "banana"}, "'type' at \\(root\\) must be one of"),
     ("enum-empty", {"enum": []}, "'enum' at \\(root\\) must be a non-empty list"),
     ("required-not-a-list", {"type": "object", "required": "a"}, "'required' at \\(root\\) must be a list"),
-    ("min-length-huge", {"type": "string", "minLength": 10**9}, "smallest valid answer .* more than 20000"),
+    ("min-length-huge", {"type": "string", "minLength": 10**9}, "minimum length or count above its maximum"),
+    ("min-items-of-ten-million", {"type": "array", "minItems": 10**7}, "minimum length or count above its maximum"),
+    ("min-items-of-10-to-the-18", {"type": "array", "minItems": 10**18}, "number beyond 2\\^53"),
+    ("integer-beyond-2-to-the-53", {"type": "integer", "minimum": 10**400}, "number beyond 2\\^53"),
+    ("const-beyond-2-to-the-53", {"const": 10**400}, "number beyond 2\\^53"),
     (
         "min-items-multiply",
         {
@@ -859,3 +864,25 @@ def test_the_grammar_cache_is_bounded(tiny_runner: Runner) -> None:
     for i in range(compiler.max_cached + 20):
         compiler.grammar({"type": "object", "properties": {f"bounded_{i}": {"type": "string"}}})
     assert len(compiler._grammars) == compiler.max_cached
+
+
+def test_many_patterns_cannot_make_validation_slow() -> None:
+    """A regex match costs hundreds of keyword checks: 1500 patternProperties against 64 keys stop at the budget."""
+    schema = {"type": "object", "patternProperties": {f"^k{i}": {"type": "string"} for i in range(1500)}}
+    prepare_schema(schema, SchemaLimits(max_bytes=10**6))
+    started = time.perf_counter()
+    with pytest.raises(GenerationError, match="within 50000 steps"):
+        validate({f"k{i}": "x" for i in range(64)}, schema)
+    assert time.perf_counter() - started < 1.5
+
+
+def test_a_pattern_matched_thousands_of_times_keeps_giving_the_right_answer() -> None:
+    """Each match gets a new matcher: copies of one share a pool of regex states that wears out (~400 uses)."""
+    assert all(pattern_matches("a[ab]{14}c", "a" + "ab" * 7 + "c") for _ in range(1500))
+    assert not pattern_matches("a[ab]{14}c", "a" + "ab" * 6 + "c")
+
+
+def test_a_pattern_too_complex_to_check_is_an_error_not_a_mismatch() -> None:
+    with pytest.raises(GenerationError, match="could not be checked against the pattern"):
+        pattern_matches("[a-z]{2000}", "a" * 2000)
+    assert pattern_matches("\x7f", "a\x7fb")  # DEL is escaped as the grammar writes it

@@ -33,6 +33,13 @@ from phi3v_tools.model.image_processing import Phi3VImageProcessor
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 DEFAULT_NUM_CROPS = 1  # the original image processor's class default, when preprocessor_config.json has none
 CHAT_ROLES = ("system", "user", "assistant")
+# Unicode White_Space, what the tokenizer strips beside its tokens (Python's isspace() also counts U+001C..U+001F)
+_WHITE_SPACE = "".join(
+    map(
+        chr,
+        [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000],
+    )
+)
 _CONTENT = re.compile("\ue000(\\d+)\ue001")  # where message k's content goes in the rendered template
 
 ImagesArg = Image.Image | Sequence[Image.Image] | None
@@ -188,9 +195,9 @@ class Phi3VProcessor:
         for i in range(0, len(parts), 2):
             text = _CONTENT.sub(lambda m: messages[int(m.group(1))]["content"], parts[i])
             if i > 0 and specials[parts[i - 1]][1].rstrip:  # the token before eats the whitespace after it
-                text = text.lstrip()
+                text = text.lstrip(_WHITE_SPACE)
             if i + 1 < len(parts) and specials[parts[i + 1]][1].lstrip:
-                text = text.rstrip()
+                text = text.rstrip(_WHITE_SPACE)
             pieces = IMAGE_TAG.split(text)  # text, k, text, k, ..., text
             for j in range(0, len(pieces), 2):
                 ids.extend(self._text_ids(pieces[j]))

@@ -75,7 +75,9 @@ def schema_cases() -> list[Case]:
         refused("schema-nan", {"type": "number", "maximum": float("nan")}, r"non-finite number", IN_PROCESS),
         refused("schema-infinity", {"type": "number", "minimum": float("-inf")}, r"non-finite number", IN_PROCESS),
         refused("schema-1e400", json.loads('{"type": "number", "maximum": 1e400}'), r"non-finite", IN_PROCESS),
-        refused("schema-min-length-of-a-billion", {"type": "string", "minLength": 10**9}, r"smallest valid answer"),
+        refused(
+            "schema-min-length-of-a-billion", {"type": "string", "minLength": 10**9}, r"minimum length or count above"
+        ),
         refused(
             "schema-min-items-multiplying",
             {

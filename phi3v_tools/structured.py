@@ -1062,6 +1062,11 @@ class _PartialParser:
         while self.i < len(self.text) and self.text[self.i] not in ",]}":
             self.i += 1
         token = self.text[start : self.i].strip()[:400]  # no number needs more; a longer token is garbage
+        members = [view["const"]] if "const" in view else view.get("enum")
+        if members is not None:  # a cut member of a numeric (or literal) enum: the first member it starts
+            written = [m for m in members if not isinstance(m, str | dict | list)]
+            starting = [m for m in written if json.dumps(m).startswith(token)]
+            return copy.deepcopy((starting or written or members)[0])
         for literal, value in (("true", True), ("false", False), ("null", None)):
             if token and literal.startswith(token):
                 return value

@@ -886,3 +886,20 @@ def test_a_pattern_too_complex_to_check_is_an_error_not_a_mismatch() -> None:
     with pytest.raises(GenerationError, match="could not be checked against the pattern"):
         pattern_matches("[a-z]{2000}", "a" * 2000)
     assert pattern_matches("\x7f", "a\x7fb")  # DEL is escaped as the grammar writes it
+
+
+@pytest.mark.parametrize(
+    ("prefix", "node", "expected"),
+    [
+        ('{"status":20', {"enum": [200, 404]}, 200),
+        ('{"status":4', {"enum": [200, 404]}, 404),
+        ('{"status":', {"enum": [200, 404]}, 200),
+        ('{"status":202', {"const": 2024}, 2024),
+        ('{"status":tr', {"enum": [1, True]}, True),
+    ],
+)
+def test_a_cut_member_of_a_numeric_enum_or_const_completes_to_a_member(prefix: str, node: Any, expected: Any) -> None:
+    schema = obj({"status": node}, ["status"])
+    completed = complete_json(prefix, schema)
+    assert completed == {"status": expected} and type(completed["status"]) is type(expected)
+    assert validate(completed, schema) is None

@@ -31,6 +31,7 @@ from phi3v_tools.structured import (
     schema_prompt,
     validate,
 )
+from tests.reliability.corpus_engine import nested_unions
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A small deterministic generator of JSON schemas
@@ -679,14 +680,6 @@ def test_an_unusable_schema_is_refused_at_submission_with_a_prompt_error_that_na
 # Hostile schemas: refused at once with a message that names the problem, or handled in bounded time
 
 
-def _nested_unions(depth: int, keyword: str = "anyOf") -> dict[str, Any]:
-    """Each level a union of two $refs to the next: 2^depth alternatives from ~70 bytes a level."""
-    defs: dict[str, Any] = {f"d{depth}": {"type": "string"}}
-    for i in range(depth - 1, -1, -1):
-        defs[f"d{i}"] = {keyword: [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]}
-    return {"$defs": defs, "type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "required": ["x"]}
-
-
 HOSTILE_SCHEMAS: list[tuple[str, Any, str]] = [
     (
         "ref-cycle",
@@ -701,9 +694,9 @@ HOSTILE_SCHEMAS: list[tuple[str, Any, str]] = [
         "no answer can satisfy",
     ),
     ("required-but-not-allowed", obj({"a": {"type": "string"}}, ["b"]), "no answer can satisfy"),
-    ("nested-anyof-over-refs-17", _nested_unions(17), "expand to more than 1000 alternatives"),
-    ("nested-anyof-over-refs-30", _nested_unions(30), "expand to more than 1000 alternatives"),
-    ("nested-allof-over-refs-20", _nested_unions(20, "allOf"), "expand to more than 1000 alternatives"),
+    ("nested-anyof-over-refs-17", nested_unions(17), "expand to more than 1000 alternatives"),
+    ("nested-anyof-over-refs-30", nested_unions(30), "expand to more than 1000 alternatives"),
+    ("nested-allof-over-refs-20", nested_unions(20, "allOf"), "expand to more than 1000 alternatives"),
     ("max-length-as-text", {"type": "string", "maxLength": "abc"}, "'maxLength' at \\(root\\) must be a non-negative"),
     ("max-length-true", {"type": "string", "maxLength": True}, "must be a non-negative integer, not true"),
     ("nan", {"type": "number", "maximum": float("nan")}, "non-finite number \\(nan\\) at maximum"),
@@ -753,7 +746,7 @@ def test_a_hostile_schema_is_refused_quickly_with_a_message_naming_the_problem(s
     started = time.perf_counter()
     with pytest.raises(PromptError, match=problem) as refused:
         prepare_schema(schema)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2.0  # the review measured 5 s to hours for some of these
     assert len(str(refused.value)) < 600
 
 

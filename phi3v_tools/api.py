@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from phi3v_tools.engine.types import Backend
 from phi3v_tools.images import ImageRef, ImageStore
-from phi3v_tools.runner import get_runner
 from phi3v_tools.settings import Settings
 from phi3v_tools.tools import Answer, Detail, ImageComparison, ImageDescription, TextReading, Toolbox
 
@@ -23,8 +23,14 @@ _LOCK = threading.Lock()
 
 def toolbox_from_settings(settings: Settings) -> Toolbox:
     """A Toolbox over the process's shared runner for ``settings`` (the model loads on the first call)."""
+
+    def runner() -> Backend:
+        from phi3v_tools.runner import get_runner  # torch and the model stack load here, on the first call
+
+        return get_runner(settings)
+
     return Toolbox(
-        lambda: get_runner(settings),
+        runner,
         settings.image_policy(),
         store=ImageStore(max_bytes=int(settings.image_store_mb * 2**20)),
         max_compare=settings.max_compare,

@@ -7,21 +7,13 @@ model never does. The cache is an LRU bounded in bytes of the stored feature ten
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
-
-def image_digest(image: Image.Image) -> str:
-    """sha256 (hex) of an RGB image's size and pixels: the identity of a picture, whatever file it came in."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
-    return digest.hexdigest()
+from phi3v_tools.digests import image_digest as image_digest  # re-exported: it lives in phi3v_tools.digests
 
 
 @dataclass(frozen=True)

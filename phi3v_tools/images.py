@@ -51,12 +51,12 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
+from phi3v_tools.digests import image_digest
 from phi3v_tools.errors import ImageError
-from phi3v_tools.feature_cache import image_digest
 from phi3v_tools.image_checks import check_structure
 from phi3v_tools.image_files import _NotThere, read_path
 from phi3v_tools.image_urls import MAX_URL_CHARS, Resolver, _short, _system_resolver, check_address, fetch_bytes
-from phi3v_tools.model.image_processing import to_rgb
+from phi3v_tools.model.pil import to_rgb
 
 __all__ = [
     "ALLOWED_FORMATS",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3v_tools.images import ImagePolicy
-from phi3v_tools.model.checkpoint import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
+from phi3v_tools.model.names import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 from phi3v_tools.structured import SchemaLimits
 
 ENV_PREFIX = "PHI3V_"

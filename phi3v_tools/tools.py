@@ -17,15 +17,15 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from phi3v_tools.engine.types import Backend, GenerationRequest, GenerationResult
 from phi3v_tools.errors import PromptError
 from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
-from phi3v_tools.model.processing import IMAGE_TAG, check_text
-from phi3v_tools.runner import GenerationRequest, GenerationResult
+from phi3v_tools.model.chat_format import IMAGE_TAG, check_text
 from phi3v_tools.structured import DEFAULT_LIMITS, SchemaLimits, check_schema
 
 Detail = Literal["brief", "normal", "detailed"]
@@ -134,16 +134,6 @@ def _compact_json(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The toolbox
-
-
-class Backend(Protocol):
-    """What the tools need from a runner (the local Runner, a remote backend, or a fake in tests)."""
-
-    model_name: str
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
-
-    def generate_sync(self, request: GenerationRequest) -> GenerationResult: ...
 
 
 R = TypeVar("R", bound=_WithMeta)

@@ -9,15 +9,25 @@ inputs = processor(prompt, [image], return_tensors="pt").to(model.device)
 out = model.generate(**inputs, max_new_tokens=500)
 text = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
 ```
+
+The names below are imported on first use (PEP 562), so ``import phi3v_tools.model.names`` and the other
+torch-free submodules (``chat_format``, ``pil``) do not import torch.
 """
 
-from phi3v_tools.model.checkpoint import DEFAULT_MODEL_ID, load_model, resolve_checkpoint
-from phi3v_tools.model.config import Phi3VConfig
-from phi3v_tools.model.generation import generate
-from phi3v_tools.model.image_processing import Phi3VImageProcessor, num_image_tokens
-from phi3v_tools.model.modeling import Phi3VForCausalLM
-from phi3v_tools.model.processing import Phi3VProcessor
-from phi3v_tools.model.tiny import make_tiny_checkpoint
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from phi3v_tools.model.checkpoint import load_model, resolve_checkpoint
+    from phi3v_tools.model.config import Phi3VConfig
+    from phi3v_tools.model.generation import generate
+    from phi3v_tools.model.image_processing import Phi3VImageProcessor, num_image_tokens
+    from phi3v_tools.model.modeling import Phi3VForCausalLM
+    from phi3v_tools.model.names import DEFAULT_MODEL_ID
+    from phi3v_tools.model.processing import Phi3VProcessor
+    from phi3v_tools.model.tiny import make_tiny_checkpoint
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -31,3 +41,31 @@ __all__ = [
     "num_image_tokens",
     "resolve_checkpoint",
 ]
+
+# name -> the submodule that defines it
+_LAZY = {
+    "DEFAULT_MODEL_ID": "names",
+    "Phi3VConfig": "config",
+    "Phi3VForCausalLM": "modeling",
+    "Phi3VImageProcessor": "image_processing",
+    "Phi3VProcessor": "processing",
+    "generate": "generation",
+    "load_model": "checkpoint",
+    "make_tiny_checkpoint": "tiny",
+    "num_image_tokens": "image_processing",
+    "resolve_checkpoint": "checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first use (torch and transformers come with most)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -26,10 +26,8 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from phi3v_tools.errors import CheckpointError, ModelNotFoundError, OptionalDependencyError
 from phi3v_tools.model.config import Phi3VConfig
 from phi3v_tools.model.modeling import Phi3VForCausalLM
+from phi3v_tools.model.names import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, TINY_MODEL_ID  # re-exported from here too
 
-DEFAULT_MODEL_ID = "microsoft/Phi-3-vision-128k-instruct"
-TINY_MODEL_ID = "tiny"  # the package's own tiny random checkpoint, built on first use (tests, offline demo)
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "phi3v-tools"
 CHECKPOINT_FILES = ["*.json", "*.safetensors"]  # what a download fetches: data, never code
 PROCESSOR_FILES = ["*.json"]
 

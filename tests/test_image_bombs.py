@@ -103,7 +103,9 @@ def test_each_bomb_is_refused_from_its_structure_quickly_and_before_any_large_al
     message = str(info.value)
     assert fragment in message, message
     assert message.startswith("the upload is refused before decoding: ") and "(a decode bomb?)" in message
-    assert seconds < 1.0, f"{seconds:.2f} s"
+    # A loose bound (tracemalloc slows the structural walk several-fold, and CI machines are shared): the figures
+    # without it are in benchmarks/results/decode_bombs.json (milliseconds); decoding the bombs takes minutes.
+    assert seconds < 15.0, f"{seconds:.2f} s"
     assert peak < 16 * 2**20, f"{peak / 2**20:.1f} MiB traced"  # the file itself is not copied
 
 

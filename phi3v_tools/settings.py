@@ -19,6 +19,41 @@ ENV_PREFIX = "PHI3V_"
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """What loads the model: the key of the process's one engine per model (see ``runner.get_runner``)."""
+
+    model: str
+    device: str | None = None
+    dtype: str | None = None
+    attn_implementation: str | None = None
+    cache_dir: Path = field(default=DEFAULT_CACHE_DIR)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """How the engine serves: batching, queue, budgets, timeouts, caches. Not part of what loads the model."""
+
+    num_crops: int | None = None  # default crops per image; None: the checkpoint's (16 for Phi-3, 4 for Phi-3.5)
+    batch_window_ms: float = 5.0
+    max_batch_size: int = 8
+    max_batch_tokens: int = 16384
+    prefill_chunk_tokens: int = 512
+    max_step_images: int = 8
+    max_queue: int = 64
+    max_images: int = 8
+    max_new_tokens: int = 1024
+    max_context: int = 4096
+    request_timeout_s: float = 300.0
+    feature_cache_mb: int | None = None
+    max_prompt_chars: int = 32768
+    max_schema_bytes: int = 16384
+    max_schema_string: int = 2000
+
+    def schema_limits(self) -> SchemaLimits:
+        return SchemaLimits(max_bytes=self.max_schema_bytes, max_string=self.max_schema_string)
+
+
+@dataclass(frozen=True)
 class Settings:
     """How to load and run the model. Field ``x`` is read from ``PHI3V_X`` by :meth:`from_env`."""
 
@@ -29,9 +64,11 @@ class Settings:
     num_crops: int | None = None  # None: the checkpoint's default (16 for Phi-3, 4 for Phi-3.5)
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)  # where the tiny checkpoint is written
     # The runner (phi3v_tools.runner): batching, limits, the image-feature cache.
-    batch_window_ms: float = 5.0  # how long the first request of a batch waits for company
-    max_batch_size: int = 8  # requests decoded together
-    max_batch_tokens: int = 16384  # sum of prompt + max_new_tokens over a batch
+    batch_window_ms: float = 5.0  # an idle engine waits this long for company before it starts a batch
+    max_batch_size: int = 8  # requests decoded together (rows of the running batch)
+    max_batch_tokens: int = 16384  # KV cache bound: rows x the longest row's prompt + max_new_tokens (padded)
+    prefill_chunk_tokens: int = 512  # prompt tokens prefilled per engine step; running rows wait at most this
+    max_step_images: int = 8  # images the vision tower encodes per engine step
     max_queue: int = 64  # waiting requests; beyond that a request is refused at once with BusyError
     max_images: int = 8  # images per request
     max_new_tokens: int = 1024  # upper bound a request may ask for
@@ -64,6 +101,12 @@ class Settings:
 
     def schema_limits(self) -> SchemaLimits:
         return SchemaLimits(max_bytes=self.max_schema_bytes, max_string=self.max_schema_string)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(self.model, self.device, self.dtype, self.attn_implementation, self.cache_dir)
+
+    def engine_limits(self) -> EngineLimits:
+        return EngineLimits(**{f.name: getattr(self, f.name) for f in fields(EngineLimits)})
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from phi3v_tools.engine.model_runner import RunningBatch
 from phi3v_tools.errors import GenerationError, PromptError, RequestTimeoutError
 from phi3v_tools.grammar import GrammarCompiler, JsonConstraint
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
@@ -131,44 +132,35 @@ def test_a_row_whose_output_processing_crashes_fails_alone(runner: Runner) -> No
     assert runner.batches == batches + 1
 
 
-def test_a_failing_step_reruns_the_batch_in_halves_and_only_the_culprit_fails(
+def test_a_failing_step_reruns_each_row_alone_and_only_the_culprit_fails(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A forward pass that fails whenever one poisoned row is in the batch, after tokens were streamed: the
-    companion is re-run alone, gets exactly its answer alone, and its streamed pieces are not sent twice."""
+    """A decode step that fails whenever one poisoned row is in it, after tokens were streamed: the companion is
+    re-run alone, gets exactly its answer alone, and its streamed pieces are not sent twice."""
     expected = alone(runner, innocent())
     poisoned: dict[str, Any] = {}
-    model = runner.model
-    original_forward = model.language_model.forward
-    original_decode = runner._decode
-    calls = {"n": 0}
+    original_step = RunningBatch.step
 
-    def decode(group: list[Any]) -> None:
-        poisoned["active"] = any(p.handle is poisoned.get("handle") for p in group)
-        calls["n"] = 0
-        original_decode(group)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if poisoned.get("active") and calls["n"] == 4:  # prefill and two steps went fine: text was streamed
+    def step(self: RunningBatch, tokens: list[int]) -> None:
+        bad = [row for row in runner._running if row.handle is poisoned.get("handle")]
+        if bad and len(bad[0].tokens) >= 2:  # two tokens went fine: text was streamed
             raise RuntimeError("a poisoned step")
-        return original_forward(*args, **kwargs)
+        original_step(self, tokens)
 
-    monkeypatch.setattr(runner, "_decode", decode)
-    monkeypatch.setattr(model.language_model, "forward", forward)
+    monkeypatch.setattr(RunningBatch, "step", step)
     pieces: list[str] = []
     request = innocent()
     request.on_text = pieces.append
-    batches = runner.batches
+    joins = runner.joins
     good = runner.submit(request)
     bad = runner.submit(hostile())
     poisoned["handle"] = bad
     with pytest.raises(GenerationError, match="a poisoned step"):
         bad.future.result(30)
     result = good.future.result(30)
+    assert runner.joins > joins  # they did share a batch
     assert result.text == expected
     assert "".join(pieces) == expected  # the re-run sent only what was not sent before
-    assert runner.batches == batches + 1
 
 
 def test_a_broken_streaming_listener_does_not_fail_its_row_or_its_companion(runner: Runner) -> None:
@@ -209,13 +201,13 @@ def test_a_stuck_engine_times_out_every_caller_at_its_deadline_sync_and_async(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    original = runner._run
+    original = runner._step
 
-    def stuck(handles: list[Any]) -> None:
+    def stuck() -> float:
         release.wait(30)
-        original(handles)
+        return original()
 
-    monkeypatch.setattr(runner, "_run", stuck)
+    monkeypatch.setattr(runner, "_step", stuck)
     try:
         started = time.perf_counter()
         with pytest.raises(RequestTimeoutError):
@@ -225,7 +217,7 @@ def test_a_stuck_engine_times_out_every_caller_at_its_deadline_sync_and_async(
         assert time.perf_counter() - started < 2 * (0.3 + WATCHDOG_GRACE_S) + 1.5
     finally:
         release.set()
-    monkeypatch.setattr(runner, "_run", original)
+    monkeypatch.setattr(runner, "_step", original)
     assert runner.generate_sync(GenerationRequest.from_text("z", max_new_tokens=2)).completion_tokens == 2
 
 
@@ -317,22 +309,23 @@ def test_a_sampled_row_without_a_seed_streams_one_answer_even_when_its_batch_is_
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The re-run after a failed step samples the same tokens (the row got a seed of its own on its first run)."""
-    model = runner.model
-    original = model.language_model.forward
+    original = RunningBatch.step
     calls = {"n": 0}
 
-    def flaky(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("one failed step")
-        return original(*args, **kwargs)
+    def flaky(self: RunningBatch, tokens: list[int]) -> None:
+        if self.rows > 1 and any(len(row.tokens) >= 3 for row in runner._running):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("one failed step")
+        original(self, tokens)
 
-    monkeypatch.setattr(model.language_model, "forward", flaky)
+    monkeypatch.setattr(RunningBatch, "step", flaky)
     pieces: list[str] = []
     sampled = GenerationRequest.from_text("Tell me a story.", max_new_tokens=12, temperature=1.0, on_text=pieces.append)
     good = runner.submit(innocent())
     handle = runner.submit(sampled)
     result = handle.future.result(30)
+    assert calls["n"] == 1  # the shared step failed once
     assert "".join(pieces) == result.text
     assert good.future.result(30).completion_tokens >= 1
 

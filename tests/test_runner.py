@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from phi3v_tools import runner as runner_module
+from phi3v_tools.engine.model_runner import RunningBatch
 from phi3v_tools.errors import (
     BusyError,
     CancelledError,
@@ -149,23 +150,21 @@ def test_the_feature_cache_evicts_least_recently_used_entries_by_bytes() -> None
 def test_a_full_queue_answers_busy_at_once(own_runner: Any) -> None:
     runner = own_runner(max_queue=1)
     release = threading.Event()
-    original = runner._run
+    original = runner._step
 
-    def held(handles: list[Any]) -> None:
+    def held() -> float:
         release.wait(10)
-        original(handles)
+        return original()
 
-    runner._run = held
+    runner._step = held  # the engine stops taking requests in
     first = runner.submit(GenerationRequest.from_text("one", max_new_tokens=1))
-    time.sleep(0.3)  # the worker takes the first request and waits on `release`
-    second = runner.submit(GenerationRequest.from_text("two", max_new_tokens=1))
     started = time.perf_counter()
     with pytest.raises(BusyError, match="busy"):
-        runner.submit(GenerationRequest.from_text("three", max_new_tokens=1))
+        runner.submit(GenerationRequest.from_text("two", max_new_tokens=1))
     assert time.perf_counter() - started < 0.1
     release.set()
     assert first.future.result(10).completion_tokens == 1
-    assert second.future.result(10).completion_tokens == 1
+    assert runner.generate_sync(GenerationRequest.from_text("three", max_new_tokens=1)).completion_tokens == 1
 
 
 def test_a_request_past_its_timeout_fails_and_the_runner_goes_on(tiny_runner: Runner) -> None:
@@ -231,41 +230,44 @@ def test_a_cancelled_row_leaves_the_batch_and_its_companions_are_unchanged(own_r
     assert other.future.result(30).text == expected
 
 
-def test_out_of_memory_splits_the_batch_and_retries(own_runner: Any) -> None:
+def test_out_of_memory_in_a_shared_step_reruns_each_row_alone_with_the_same_answer(
+    own_runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = own_runner(batch_window_ms=200)
     sizes: list[int] = []
-    original = runner._decode
+    original = RunningBatch.step
 
-    def fragile(group: list[Any]) -> None:
-        sizes.append(len(group))
-        if len(group) > 1:
+    def fragile(self: RunningBatch, tokens: list[int]) -> None:
+        sizes.append(self.rows)
+        if self.rows > 1:
             raise torch.OutOfMemoryError("injected")
-        original(group)
+        original(self, tokens)
 
-    runner._decode = fragile
     expected = [runner.generate_sync(r).text for r in requests()[:4]]
-    sizes.clear()
+    monkeypatch.setattr(RunningBatch, "step", fragile)
 
     async def together() -> list[Any]:
         return list(await asyncio.gather(*(runner.generate(r) for r in requests()[:4])))
 
     results = asyncio.run(together())
     assert [r.text for r in results] == expected
-    assert sizes[0] == 4 and sizes.count(1) == 4  # split down to single requests
+    assert max(sizes) > 1  # a shared step failed, and every row still got its own answer
 
 
-def test_a_single_request_that_does_not_fit_fails_clearly_and_the_runner_keeps_serving(own_runner: Any) -> None:
+def test_a_single_request_that_does_not_fit_fails_clearly_and_the_runner_keeps_serving(
+    own_runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = own_runner()
-    original = runner._decode
+    original = RunningBatch.step
     calls = {"n": 0}
 
-    def oom_once(group: list[Any]) -> None:
+    def oom_once(self: RunningBatch, tokens: list[int]) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("injected")
-        original(group)
+        original(self, tokens)
 
-    runner._decode = oom_once
+    monkeypatch.setattr(RunningBatch, "step", oom_once)
     with pytest.raises(OutOfMemoryError, match="num_crops"):
         runner.generate_sync(GenerationRequest.from_text("big", max_new_tokens=2))
     assert runner.generate_sync(GenerationRequest.from_text("next", max_new_tokens=2)).completion_tokens == 2

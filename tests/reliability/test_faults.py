@@ -202,8 +202,9 @@ def _fail_every_other_call(
 
 
 def _is_prefill(kwargs: dict[str, Any]) -> bool:
-    embeds = kwargs.get("inputs_embeds")
-    return embeds is not None and embeds.shape[1] > 1
+    """The first chunk of a prompt's prefill (a long prompt is prefilled in several)."""
+    embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
+    return embeds is not None and embeds.shape[1] > 1 and positions is not None and int(positions[0, 0]) == 0
 
 
 def test_an_exception_inside_the_vision_tower_fails_the_call_cleanly_and_the_server_keeps_serving(

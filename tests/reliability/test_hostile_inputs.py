@@ -59,29 +59,36 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileEnv]:
 
 
 class Gate:
-    """While ``pair()`` is active, the runner's next batch waits (up to 5 s) until it holds two requests; every
-    batch's size is recorded."""
+    """While ``pair()`` is active, an idle engine waits (up to 5 s) until two requests are waiting before it admits
+    them, and decoding waits until the second one's prompt is in too (so they share decode steps whatever their
+    prompt lengths); the number of rows of every decode step is recorded."""
 
     def __init__(self, runner: Runner) -> None:
         self.batches: list[int] = []
         self._runner = runner
-        self._settings = runner.settings
-        run = runner._run
+        self._limits = runner.limits
+        self._active = False
+        decode = runner._decode
 
-        def recorded_run(handles: list[Any]) -> None:
-            self.batches.append(len(handles))
-            run(handles)
+        def recorded_decode() -> None:
+            if self._active and runner._prefilling and len(runner._running) < 2:
+                return  # the companion is still being prefilled: let it join first
+            if runner._running:
+                self.batches.append(len(runner._running))
+            decode()
 
-        runner._run = recorded_run  # type: ignore[method-assign]
+        runner._decode = recorded_decode  # type: ignore[method-assign]
 
     @contextmanager
     def pair(self, active: bool) -> Iterator[None]:
-        if active:  # a long window that closes as soon as a batch of two is full
-            self._runner.settings = replace(self._settings, batch_window_ms=5000, max_batch_size=2)
+        if active:  # a long window that closes as soon as two requests wait
+            self._runner.limits = replace(self._limits, batch_window_ms=5000, max_batch_size=2)
+        self._active = active
         try:
             yield
         finally:
-            self._runner.settings = self._settings
+            self._active = False
+            self._runner.limits = self._limits
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,204 @@
+"""The model side of the engine: vision, chunked prefill, the running batch's decode step, its KV memory.
+
+KV layout: **left-padded rows merged into one running batch** (transformers' ``DynamicCache`` tensors,
+``[rows, heads, length, head_dim]`` per layer, with a ``[rows, length]`` attention mask).
+
+- A new request is prefilled on its own, in chunks of ``prefill_chunk_tokens`` cut at fixed multiples, into
+  its own cache; when its prompt is done it joins the running batch: the shorter side is left-padded with
+  zeros (masked out) and the rows are concatenated. Its positions count only its own tokens, so its
+  attention sees exactly what it sees alone.
+- A row that finishes or is cancelled is dropped (``keep``); leading columns that are padding for every
+  remaining row are cut (``trim``), so the cache never stays longer than its longest live row.
+- The decode step feeds one token per row; every attention implementation transformers has (sdpa,
+  eager, flash-attention 2's padded path) takes this layout as it is.
+
+Trade-offs, measured in benchmarks/README.md ("engine"): a join copies the running cache once
+(``rows x length`` per layer), and short rows beside a long one are padded to its length (memory, and
+attention over masked columns). Preallocated per-row slots or paged blocks avoid both and give the
+static shapes a CUDA-graph decode step needs; they need their own attention kernel calls (transformers
+builds masks for one shared cache position), which is the next step on a GPU. The admission bound in
+:mod:`~phi3v_tools.engine.scheduler` counts the padding, so memory never exceeds the budget.
+
+Rows whose prompt + answer crosses the LongRoPE switch (4096 positions) run alone through
+:class:`~phi3v_tools.model.generation.BatchDecoder`, which recomputes the sequence with long factors at the
+switch, as the fixed Phi-3.5 code does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+
+from phi3v_tools.model.generation import BatchDecoder
+from phi3v_tools.model.modeling import Phi3VForCausalLM
+
+
+def encode_images(
+    model: Phi3VForCausalLM, pixels: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """Projected features of images processed with one ``num_crops`` (``pixels`` of one shape), in one batch."""
+    with torch.inference_mode():
+        return model.get_image_features(torch.stack(list(pixels)), torch.tensor(list(sizes)))
+
+
+class Prefill:
+    """One request's prompt, prefilled in chunks into its own cache."""
+
+    def __init__(self, model: Phi3VForCausalLM, ids: list[int], features: list[torch.Tensor]) -> None:
+        self.model = model
+        with torch.inference_mode():
+            self.embeds = model.embed(torch.tensor([ids]), image_features=features)  # [1, L, hidden]
+        self.length = len(ids)
+        self.done = 0
+        self.cache = DynamicCache()
+        self.logits: torch.Tensor | None = None  # [1, vocab] once the whole prompt is in
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.done
+
+    def run(self, tokens: int) -> None:
+        """Prefill the next ``tokens`` prompt positions."""
+        end = min(self.done + tokens, self.length)
+        device = self.embeds.device
+        with torch.inference_mode():
+            out = self.model(
+                inputs_embeds=self.embeds[:, self.done : end],
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                position_ids=torch.arange(self.done, end, device=device)[None],
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.done = end
+        if self.done == self.length:
+            self.logits = out.logits[:, -1]
+            del self.embeds  # the cache holds what the decode needs
+
+
+class RunningBatch:
+    """The rows being decoded: one left-padded cache, one token per row per :meth:`step`."""
+
+    def __init__(self, model: Phi3VForCausalLM) -> None:
+        self.model = model
+        self.switch_at = model.config.original_max_position_embeddings
+        self.joins = 0  # rows merged in, over the batch's life
+        self._clear()
+
+    def _clear(self) -> None:
+        model = self.model
+        self.cache = DynamicCache()  # per layer: keys, values [rows, heads, length, head_dim]
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=model.device)  # [rows, length], 0 on padding
+        self.last_position = torch.zeros((0, 1), dtype=torch.long, device=model.device)
+        self.logits = torch.zeros((0, 0), device=model.device)  # [rows, vocab]: the next token's logits
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    def join(self, prefill: Prefill) -> None:
+        """Append a fully prefilled request as the last row."""
+        if prefill.logits is None:
+            raise RuntimeError("join() takes a finished prefill")
+        device = self.mask.device
+        mask = torch.ones((1, prefill.length), dtype=torch.long, device=device)
+        position = torch.tensor([[prefill.length - 1]], device=device)
+        self.joins += 1
+        if self.rows == 0:
+            self.cache, self.mask, self.last_position, self.logits = prefill.cache, mask, position, prefill.logits
+            return
+        length = max(self.length, prefill.length)
+        for layer, new in zip(self.cache.layers, prefill.cache.layers, strict=True):
+            (keys, values), (new_keys, new_values) = _kv(layer), _kv(new)
+            _set_kv(
+                layer,
+                torch.cat([_left_pad(keys, length), _left_pad(new_keys, length)]),
+                torch.cat([_left_pad(values, length), _left_pad(new_values, length)]),
+            )
+        self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
+        self.last_position = torch.cat([self.last_position, position])
+        self.logits = torch.cat([self.logits, prefill.logits.to(self.logits.dtype)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices into the current rows), in that order; cut columns no row uses."""
+        if not rows:
+            self._clear()
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask[index]
+        self.last_position = self.last_position[index]
+        self.logits = self.logits[index]
+        start = int(self.mask.any(dim=0).nonzero()[0])  # every row has a token: never empty
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            keys, values = _kv(layer)
+            _set_kv(layer, keys[index, :, start:], values[index, :, start:])
+
+    def step(self, tokens: list[int]) -> None:
+        """Feed one token per row and compute the next logits."""
+        device = self.mask.device
+        if int(self.last_position.max()) + 2 > self.switch_at:
+            raise RuntimeError("a shared batch would cross the LongRoPE switch; such requests must run alone")
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.last_position = self.last_position + 1
+        with torch.inference_mode():
+            token_ids = torch.tensor(tokens, device=device)[:, None]
+            out = self.model(
+                inputs_embeds=self.model.embed_tokens(token_ids),
+                attention_mask=self.mask,
+                position_ids=self.last_position,
+                cache=self.cache,
+                use_cache=True,
+            )
+        self.logits = out.logits[:, -1]
+
+
+class AloneBatch:
+    """A request that crosses the LongRoPE switch: prefilled whole and decoded with no company."""
+
+    def __init__(self, model: Phi3VForCausalLM, ids: list[int], features: list[torch.Tensor]) -> None:
+        with torch.inference_mode():
+            embeds = model.embed(torch.tensor([ids]), image_features=features)
+            self.decoder = BatchDecoder(model, embeds, torch.ones((1, len(ids)), dtype=torch.long))
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.decoder.logits
+
+    @property
+    def rows(self) -> int:
+        return int(self.decoder.mask.shape[0])
+
+    def keep(self, rows: list[int]) -> None:
+        if rows:
+            self.decoder.keep(rows)
+
+    def step(self, tokens: list[int]) -> None:
+        with torch.inference_mode():
+            self.decoder.step(torch.tensor(tokens, device=self.decoder.mask.device))
+
+
+def _kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``DynamicLayer``'s keys and values, [rows, heads, length, head_dim] each."""
+    return layer.keys, layer.values
+
+
+def _set_kv(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad dim -2 (keys/values) or dim -1 (a mask) on the left with zeros up to ``length``."""
+    if tensor.dim() == 2:
+        missing = length - tensor.shape[1]
+        return F.pad(tensor, (missing, 0)) if missing > 0 else tensor
+    missing = length - tensor.shape[2]
+    return F.pad(tensor, (0, 0, missing, 0)) if missing > 0 else tensor

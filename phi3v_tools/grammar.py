@@ -9,6 +9,7 @@ a bounded LRU (a caller can send a new schema with every request).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from phi3v_tools.errors import GenerationError, PromptError
+
+logger = logging.getLogger(__name__)
 
 MAX_CACHED_GRAMMARS = 256
 
@@ -42,6 +45,7 @@ class GrammarCompiler:
         self._grammars: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self.executor = llg.LLExecutor()
+        self._compiled_apply = True
 
     def grammar(self, schema: dict[str, Any]) -> str:
         """The compiled grammar of a bounded schema; PromptError naming the problem if it cannot be used."""
@@ -78,6 +82,8 @@ class GrammarCompiler:
             self.fill([constraint], mask)
             constraint.consume(token)
         self.fill([constraint], mask)
+        for rows in (1, 2):  # the mask kernel compiles once for one row and once for several
+            self.apply(torch.zeros(rows, self.vocab_size), self.allocate(rows))
 
     def allocate(self, rows: int) -> torch.Tensor:
         return _llguidance().torch.allocate_token_bitmask(rows, self.vocab_size)
@@ -95,10 +101,32 @@ class GrammarCompiler:
         elif pairs:
             _llguidance().torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)
 
-    @staticmethod
-    def apply(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-        """Set the logits of disallowed tokens to -inf, in place (logits: [rows, vocab], float32)."""
-        _llguidance().torch.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+        """Set the logits of disallowed tokens to -inf, in place (logits: [rows, vocab], float32).
+
+        llguidance's kernel is a ``torch.compile`` function: compiled once for one row and once for several
+        (:meth:`warm_up` does both, so no request pays for it: about 2 s on the CPU), then ~0.1 ms a step. Where
+        it cannot compile (no C++ toolchain on a CPU machine), plain tensor operations do the same (tested equal).
+        """
+        mask = bitmask.to(logits.device, non_blocking=True)
+        if self._compiled_apply:
+            try:
+                _llguidance().torch.apply_token_bitmask_inplace(logits, mask)
+                return
+            except Exception:  # the compiler is missing or failed: the plain version from now on
+                logger.warning("llguidance's compiled mask kernel failed; using plain tensor operations", exc_info=True)
+                self._compiled_apply = False
+        apply_bitmask(logits, mask)
+
+
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """-inf for the tokens whose bit is 0 in ``mask`` ([rows, ceil(vocab / 32)] int32), and beyond its end."""
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((mask.unsqueeze(-1) >> bits) & 1).reshape(mask.shape[0], -1).bool()  # [rows, 32 * words]
+    vocab = min(logits.shape[1], allowed.shape[1])
+    logits[:, :vocab].masked_fill_(~allowed[:, :vocab], float("-inf"))
+    if logits.shape[1] > vocab:
+        logits[:, vocab:] = float("-inf")
 
 
 class JsonConstraint:

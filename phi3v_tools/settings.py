@@ -49,6 +49,12 @@ class EngineLimits:
     max_schema_bytes: int = 16384
     max_schema_string: int = 2000
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens", "prefill_chunk_tokens", "max_step_images", "max_queue"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PHI3V_{name.upper()} must be a whole number of at least 1, got {value!r}")
+
     def schema_limits(self) -> SchemaLimits:
         return SchemaLimits(max_bytes=self.max_schema_bytes, max_string=self.max_schema_string)
 

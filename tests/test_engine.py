@@ -311,3 +311,19 @@ def test_prefill_chunks_are_cut_at_fixed_offsets_and_the_first_always_runs() -> 
     assert scheduler.prefill_plan([100, 300, 200], 512, 512) == [100, 300]  # 200 more would pass the budget
     assert scheduler.prefill_plan([100, 412, 5], 512, 512) == [100, 412]
     assert scheduler.prefill_plan([2000, 10], 256, 100) == [256]  # one chunk even above a small budget
+
+
+def test_the_plain_mask_kernel_masks_exactly_what_llguidance_does() -> None:
+    import llguidance.torch as llgt
+
+    from phi3v_tools.grammar import apply_bitmask
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, vocab in ((1, 32064), (5, 32064), (3, 32100)):  # 32100: logits wider than the mask
+        mask = llgt.allocate_token_bitmask(rows, 32064)
+        mask.copy_(torch.randint(-(2**31), 2**31 - 1, mask.shape, dtype=torch.int32, generator=generator))
+        logits = torch.randn(rows, vocab, generator=generator)
+        expected, got = logits.clone(), logits.clone()
+        llgt.apply_token_bitmask_inplace(expected, mask)
+        apply_bitmask(got, mask)
+        assert torch.equal(expected, got)

@@ -17,7 +17,6 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from phi3v_tools.errors import GenerationError, PromptError
-from phi3v_tools.grammar import GrammarCompiler
 from phi3v_tools.runner import GenerationRequest, GenerationResult, Runner
 from phi3v_tools.structured import (
     DEFAULT_MAX_ITEMS,
@@ -131,7 +130,7 @@ def drive(runner: Runner, schema: dict[str, Any], seed: int) -> tuple[bool, list
     while len(tokens) < budget and not constraint.finished:
         grammars.fill([constraint], mask)
         logits = torch.randn(1, grammars.vocab_size, generator=generator)
-        GrammarCompiler.apply(logits, mask)
+        grammars.apply(logits, mask)
         token = int(logits.argmax())
         constraint.consume(token)
         tokens.append(token)

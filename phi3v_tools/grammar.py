@@ -46,6 +46,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self.executor = llg.LLExecutor()
         self._compiled_apply = True
+        self._apply_lock = threading.Lock()
 
     def grammar(self, schema: dict[str, Any]) -> str:
         """The compiled grammar of a bounded schema; PromptError naming the problem if it cannot be used."""
@@ -111,7 +112,8 @@ class GrammarCompiler:
         mask = bitmask.to(logits.device, non_blocking=True)
         if self._compiled_apply:
             try:
-                _llguidance().torch.apply_token_bitmask_inplace(logits, mask)
+                with self._apply_lock:  # torch.compile is not thread-safe: warm-up and a step may meet here
+                    _llguidance().torch.apply_token_bitmask_inplace(logits, mask)
                 return
             except Exception:  # the compiler is missing or failed: the plain version from now on
                 logger.warning("llguidance's compiled mask kernel failed; using plain tensor operations", exc_info=True)

@@ -210,7 +210,7 @@ def test_the_uncached_images_of_requests_admitted_together_go_through_the_vision
 
 def test_a_request_that_crosses_the_longrope_switch_never_shares_a_decode_step(own_runner: Any) -> None:
     runner = own_runner(batch_window_ms=200)
-    runner._alone_above = 60  # as if 60 positions were the 4096-position switch
+    runner.preparer.alone_above = 60  # as if 60 positions were the 4096-position switch
     shared: list[int] = []
     original = runner._decode
 

@@ -40,63 +40,45 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from phi3v_tools.engine import model_runner, output, prompts, scheduler
+from phi3v_tools.engine.model_runner import load_pretrained
+from phi3v_tools.engine.preparation import Preparer
 from phi3v_tools.engine.row import Row
-from phi3v_tools.engine.sampler import RowSampling, choose
+from phi3v_tools.engine.sampler import choose
+from phi3v_tools.engine.stream import TextStream
 from phi3v_tools.engine.types import (
     DEFAULT_MAX_NEW_TOKENS,
-    WATCHDOG_GRACE_S,
     FinishReason,
     GenerationRequest,
     GenerationResult,
     RequestHandle,
 )
+from phi3v_tools.engine.vision import VisionStage
 from phi3v_tools.errors import (
     BusyError,
     CancelledError,
     GenerationError,
     OutOfMemoryError,
     Phi3VToolsError,
-    PromptError,
     RequestTimeoutError,
 )
-from phi3v_tools.feature_cache import CachedFeatures, FeatureCache, image_digest
+from phi3v_tools.feature_cache import FeatureCache
 from phi3v_tools.grammar import GrammarCompiler
 from phi3v_tools.model.config import STOP_TOKEN_IDS
-from phi3v_tools.model.image_processing import CROP_SIZE, num_image_tokens_for_grid, preprocess_image
 from phi3v_tools.model.modeling import Phi3VForCausalLM
 from phi3v_tools.model.processing import Phi3VProcessor
-from phi3v_tools.settings import ModelConfig, Settings
+from phi3v_tools.settings import Settings
 from phi3v_tools.structured import prepare_schema
 
 logger = logging.getLogger(__name__)
 PREP_THREADS = 2  # threads that prepare requests (hashing, HD transform, tokenizing)
 OUTPUT_THREADS = 2  # threads that turn finished rows into results
 CLOSE_TIMEOUT_S = 30.0
-
-
-def load_pretrained(
-    config: ModelConfig | Settings, *, num_crops: int | None = None, progress: bool = False
-) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
-    """The model and processor that ``config`` names (model, device, dtype, attention)."""
-    if num_crops is None and isinstance(config, Settings):
-        num_crops = config.num_crops
-    processor = Phi3VProcessor.from_pretrained(config.model, num_crops=num_crops, cache_dir=config.cache_dir)
-    model = Phi3VForCausalLM.from_pretrained(
-        config.model,
-        device_map=config.device,
-        dtype=config.dtype,
-        attn_implementation=config.attn_implementation,
-        cache_dir=config.cache_dir,
-        progress=progress,
-    )
-    return model, processor
 
 
 class Engine:
@@ -118,6 +100,8 @@ class Engine:
         self.schema_limits = self.limits.schema_limits()
         self.admission = scheduler.AdmissionLimits(self.limits.max_batch_size, self.limits.max_batch_tokens)
         self._alone_above = int(model.config.original_max_position_embeddings)
+        self.preparer = Preparer(processor, self.feature_cache, self.model_id, lambda: self.grammars, self._alone_above)
+        self.vision = VisionStage(model, self.feature_cache)
         self._grammars: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         # Submitted and not yet admitted (being prepared or waiting): bounded by max_queue.
@@ -264,6 +248,9 @@ class Engine:
         with self._pending_lock:
             self._pending -= count
 
+    def _prepare(self, handle: RequestHandle) -> Row:
+        return self.preparer.prepare(handle, self.num_crops, self.limits.max_context)
+
     def _prepare_and_queue(self, handle: RequestHandle) -> None:
         try:
             if self._closed.is_set():
@@ -286,48 +273,6 @@ class Engine:
             return
         self._intake.put(row)  # if the engine closes now, close() fails it (it waits for the prep threads first)
         self._wake.set()
-
-    def _prepare(self, handle: RequestHandle) -> Row:
-        request = handle.request
-        num_crops = request.num_crops or self.num_crops
-        started = time.perf_counter()
-        digests = list(request.image_digests or [image_digest(image) for image in request.images])
-        keys = [FeatureCache.key(d, num_crops, self.model_id) for d in digests]
-        entries: list[CachedFeatures | None] = [self.feature_cache.get(key) for key in keys]
-        pixels: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
-        grids: list[tuple[int, int]] = []
-        for i, entry in enumerate(entries):
-            if entry is not None:
-                grids.append(entry.grid)
-                continue
-            crops, hd_h, hd_w = preprocess_image(request.images[i], num_crops)
-            pixels[i] = (crops, (hd_h, hd_w))
-            grids.append((hd_h // CROP_SIZE, hd_w // CROP_SIZE))
-        preprocess_s = time.perf_counter() - started
-        tokens = [num_image_tokens_for_grid(*grid) for grid in grids]
-        messages = prompts.prompt_messages(request, handle.schema)
-        ids = self.processor.chat_ids(messages, tokens)  # contents are text: no caller writes control tokens
-        if len(ids) + handle.max_new_tokens > self.limits.max_context:
-            raise PromptError(
-                f"the prompt takes {len(ids)} tokens ({sum(tokens)} for images) and max_new_tokens is "
-                f"{request.max_new_tokens}: more than the {self.limits.max_context}-token limit; use fewer or "
-                "smaller-num_crops images, or a shorter answer"
-            )
-        constraint = self.grammars.matcher(handle.schema.bounded) if handle.schema is not None else None
-        return Row(
-            handle=handle,
-            ids=ids,
-            num_crops=num_crops,
-            keys=keys,
-            entries=entries,
-            pixels=pixels,
-            image_tokens=sum(tokens),
-            cached_images=len(entries) - len(pixels),
-            preprocess_s=preprocess_s,
-            constraint=constraint,
-            sampling=RowSampling(request.temperature, request.top_p, handle.seed),
-            alone_above=self._alone_above,
-        )
 
     # -- the step loop ------------------------------------------------------------------------------------------------
 
@@ -361,7 +306,8 @@ class Engine:
             if waited < window and len(self._waiting) < self.limits.max_batch_size:
                 return window - waited
         self._admit()
-        self._vision()
+        for row, exc in self.vision.run(self._prefilling, self.limits.max_step_images):
+            self._fail_row(row, exc, "encoding its images")
         self._prefill()
         self._decode()
         return 0.0
@@ -397,62 +343,6 @@ class Engine:
             row.handle.started = now
             self._prefilling.append(row)
         self._unpend(count)
-
-    def _vision(self) -> None:
-        """Encode the uncached images of admitted rows, as one batch per crop count, within the step's budget."""
-        todo: list[Row] = []
-        images = 0
-        for row in self._prefilling:
-            for i in list(row.pixels):  # encoded meanwhile for another request: reuse it
-                entry = self.feature_cache.get(row.keys[i])
-                if entry is not None:
-                    row.entries[i] = entry
-                    del row.pixels[i]
-            if not row.pixels:
-                continue
-            if todo and images + len(row.pixels) > self.limits.max_step_images:
-                break
-            todo.append(row)
-            images += len(row.pixels)
-        if not todo:
-            return
-        started = time.perf_counter()
-        by_shape: dict[tuple[int, ...], list[tuple[Row, int]]] = {}
-        for row in todo:
-            for i, (crops, _size) in row.pixels.items():
-                by_shape.setdefault(tuple(crops.shape), []).append((row, i))
-        for items in by_shape.values():
-            rows = list({id(r): r for r, _ in items}.values())
-            try:
-                self._encode(items)
-            except Exception as exc:  # one request's images may be the cause: encode each request's on its own
-                if len(rows) == 1:
-                    self._fail_row(rows[0], exc, "encoding its images")
-                    continue
-                logger.warning("a vision batch failed; encoding its requests one by one", exc_info=True)
-                for row in rows:
-                    try:
-                        self._encode([(r, i) for r, i in items if r is row])
-                    except Exception as exc:
-                        self._fail_row(row, exc, "encoding its images")
-        elapsed = time.perf_counter() - started
-        for row in todo:
-            row.vision_s += elapsed
-
-    def _encode(self, items: list[tuple[Row, int]]) -> None:
-        unique: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
-        for row, i in items:
-            unique.setdefault(row.keys[i], row.pixels[i])
-        keys = list(unique)
-        features = model_runner.encode_images(self.model, [unique[k][0] for k in keys], [unique[k][1] for k in keys])
-        made = {}
-        for key, feature in zip(keys, features, strict=True):
-            hd_h, hd_w = unique[key][1]
-            made[key] = CachedFeatures(feature, (hd_h // CROP_SIZE, hd_w // CROP_SIZE))
-            self.feature_cache.put(key, made[key])
-        for row, i in items:
-            row.entries[i] = made[row.keys[i]]
-            row.pixels.pop(i, None)
 
     def _fail_row(self, row: Row, exc: BaseException, doing: str) -> None:
         """Fail a row being prepared for decoding (its images or its prefill) and drop it."""
@@ -535,7 +425,8 @@ class Engine:
             constraints = [row.constraint for row in rows]
             grammars = self.grammars if any(c is not None for c in constraints) else None
             bitmask = grammars.allocate(len(rows)) if grammars is not None else None
-            tokens = choose(batch.logits, [row.sampling for row in rows], constraints, grammars, bitmask)
+            with torch.inference_mode():  # the logits are the model's inference tensors: masked in place
+                tokens = choose(batch.logits, [row.sampling for row in rows], constraints, grammars, bitmask)
         except BaseException as exc:  # noqa: BLE001  # a native library's panic too: the step failed, not the loop
             self._step_failed(exc)
             return
@@ -667,46 +558,6 @@ class Engine:
             for row in rows:
                 if row.handle.pending:
                     row.handle.fail(error)
-
-
-class TextStream:
-    """Async iterator over the pieces of text of one request; ``result`` holds the full result at the end.
-
-    Breaking out of the loop (or cancelling the consuming task) cancels the request.
-    """
-
-    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
-        self._engine = engine
-        self._request = request
-        self.result: GenerationResult | None = None
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        listener = self._request.on_text
-
-        def on_text(piece: str) -> None:
-            if listener is not None:
-                listener(piece)
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        handle = await self._engine._submit_async(replace(self._request, on_text=on_text))
-        handle.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(pieces.put_nowait, None))
-        try:
-            while True:
-                remaining = max(handle.deadline - time.perf_counter(), 0.0) + WATCHDOG_GRACE_S
-                try:
-                    piece = await asyncio.wait_for(pieces.get(), remaining)
-                except asyncio.TimeoutError:
-                    handle.cancel()
-                    raise handle.timed_out() from None
-                if piece is None:
-                    break
-                yield piece
-            self.result = await handle.wait_async()
-        finally:
-            if not handle.future.done():
-                handle.cancel()
 
 
 # Every live engine is closed at interpreter exit: its step loop must not be inside torch while the

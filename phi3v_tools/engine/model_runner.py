@@ -1,4 +1,4 @@
-"""The model side of the engine: vision, chunked prefill, the running batch's decode step, its KV memory.
+"""The model side of the engine: loading, chunked prefill, the running batch's decode step, its KV memory.
 
 KV layout: **left-padded rows merged into one running batch** (transformers' ``DynamicCache`` tensors,
 ``[rows, heads, length, head_dim]`` per layer, with a ``[rows, length]`` attention mask).
@@ -26,7 +26,6 @@ switch, as the fixed Phi-3.5 code does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,14 +34,26 @@ from transformers.cache_utils import DynamicCache
 
 from phi3v_tools.model.generation import BatchDecoder
 from phi3v_tools.model.modeling import Phi3VForCausalLM
+from phi3v_tools.model.processing import Phi3VProcessor
+from phi3v_tools.settings import ModelConfig, Settings
 
 
-def encode_images(
-    model: Phi3VForCausalLM, pixels: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]
-) -> list[torch.Tensor]:
-    """Projected features of images processed with one ``num_crops`` (``pixels`` of one shape), in one batch."""
-    with torch.inference_mode():
-        return model.get_image_features(torch.stack(list(pixels)), torch.tensor(list(sizes)))
+def load_pretrained(
+    config: ModelConfig | Settings, *, num_crops: int | None = None, progress: bool = False
+) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
+    """The model and processor that ``config`` names (model, device, dtype, attention)."""
+    if num_crops is None and isinstance(config, Settings):
+        num_crops = config.num_crops
+    processor = Phi3VProcessor.from_pretrained(config.model, num_crops=num_crops, cache_dir=config.cache_dir)
+    model = Phi3VForCausalLM.from_pretrained(
+        config.model,
+        device_map=config.device,
+        dtype=config.dtype,
+        attn_implementation=config.attn_implementation,
+        cache_dir=config.cache_dir,
+        progress=progress,
+    )
+    return model, processor
 
 
 class Prefill:

@@ -4,15 +4,23 @@ Options are bound to ``PHI3V_*`` environment variables here, once, and handed do
 tool commands (describe, read-text, compare, ask) wrap :class:`~phi3v_tools.tools.Toolbox` and nothing else:
 images are passed through as given and resolved by :mod:`phi3v_tools.images` under the allowed-directory policy.
 stdout carries only the answer; progress (the weight-loading bar, the live JSON) goes to stderr.
+
+Every command ends the same way, however it ends (an answer, an error, Ctrl-C): the models it loaded are
+closed before the interpreter exits (:func:`shut_down`), so that no engine thread is inside torch while the
+interpreter tears down. Ctrl-C exits 130 with one line on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,9 +38,80 @@ if TYPE_CHECKING:
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 F = TypeVar("F", bound=Callable[..., Any])
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+INTERRUPTED_LINE = "phi3v-tools: interrupted"
+THREADS_GRACE_S = 10.0  # how long shut_down waits for the package's background threads to finish
 
 
-@click.group(context_settings=CONTEXT)
+# ---------------------------------------------------------------------------------------------------------------------
+# Ending a command: the models closed on every path, Ctrl-C as exit status 130
+
+
+class Phi3VGroup(click.Group):
+    """The ``phi3v-tools`` group: a command's models are closed however it ends; Ctrl-C exits 130, one line.
+
+    click would print ``Aborted!`` for a KeyboardInterrupt and exit 1; it is caught here first, after the
+    models are closed (the answer so far stays where it was printed).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            try:
+                return super().invoke(ctx)
+            finally:
+                shut_down()
+        except KeyboardInterrupt:
+            click.echo(INTERRUPTED_LINE, err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
+
+
+def shut_down() -> None:
+    """Close every model this process loaded and let the package's background threads finish.
+
+    The engine's threads are daemon threads: one still inside torch (or the grammar engine) when the
+    interpreter finalizes is stopped in the middle of native code, which aborts the process ("terminate called
+    without an active exception") or crashes it. Nothing to do when no model was loaded (the runner module,
+    and torch, were never imported). A second Ctrl-C while this waits exits at once (status 130, one line).
+    """
+    runner = sys.modules.get("phi3v_tools.runner")
+    if runner is None:
+        return
+    with _second_interrupt_exits():
+        runner.close_runners()
+        _join_background_threads(THREADS_GRACE_S)
+
+
+def _join_background_threads(timeout: float) -> None:
+    """Wait (up to ``timeout`` in all) for the package's daemon threads (named ``phi3v-...``) to end."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.daemon and thread.name.startswith("phi3v-") and thread is not threading.current_thread():
+            thread.join(max(deadline - time.monotonic(), 0.0))
+
+
+@contextlib.contextmanager
+def _second_interrupt_exits() -> Iterator[None]:
+    """While the models close, Ctrl-C ends the process at once, skipping the interpreter's teardown (which is
+    what could crash with an engine thread still running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.write(INTERRUPTED_LINE + "\n")
+            sys.stderr.flush()
+        os._exit(INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@click.group(cls=Phi3VGroup, context_settings=CONTEXT)
 @click.version_option(package_name="phi3v-tools")
 def main() -> None:
     """Phi-3-vision as tools for agents: describe images, read their text, compare them, ask about them.
@@ -194,9 +273,12 @@ class LiveText:
     def __init__(self, to_stdout: bool) -> None:
         self.to_stdout = to_stdout
         self.started = False
+        self.ended = False
         self._held = ""  # trailing whitespace, shown only when more text follows: the answer is stripped
 
     def __call__(self, piece: str) -> None:
+        if self.ended:  # a piece still on its way after an interruption
+            return
         text = self._held + piece if self.started else piece.lstrip()
         shown = text.rstrip()
         self._held = text[len(shown) :]
@@ -208,8 +290,9 @@ class LiveText:
                 click.echo(click.style(shown, dim=True), nl=False, err=True)
 
     def end(self) -> None:
-        if self.started:
+        if self.started and not self.ended:
             click.echo(err=not self.to_stdout)
+        self.ended = True
 
 
 def run_tool(
@@ -234,6 +317,10 @@ def run_tool(
         if live is not None:
             live.end()
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:  # Ctrl-C: the line streamed so far is ended; the group reports it
+        if live is not None:
+            live.end()
+        raise
     if as_json:
         click.echo(result.model_dump_json(indent=2))
         return

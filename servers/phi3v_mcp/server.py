@@ -30,17 +30,20 @@ setting; see SECURITY.md):
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import ipaddress
 import logging
+import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import anyio
 import uvicorn
@@ -76,6 +79,7 @@ __all__ = [
     "create_server",
     "http_app",
     "run",
+    "serve_stdio",
     "uvicorn_config",
 ]
 
@@ -137,7 +141,9 @@ def create_server(settings: Settings, toolbox: Toolbox | None = None) -> MCPServ
         started = time.perf_counter()
         logger.info("loading model %s", settings.model)
         runner = await anyio.to_thread.run_sync(get_runner, settings)
-        logger.info("model %s ready on %s in %.1fs", settings.model, runner.model.device, time.perf_counter() - started)
+        logger.info(
+            "model %s ready on %s in %.1fs", settings.model, runner.info()["device"], time.perf_counter() - started
+        )
         # The toolbox's factory returns the runner just loaded (get_runner shares one per model per process).
         yield AppContext(toolbox_from_settings(settings), settings)
 
@@ -507,13 +513,131 @@ def run(settings: Settings, transport: str = "stdio") -> None:
     server = create_server(settings)
     try:
         if transport == "stdio":
-            server.run("stdio")
+            anyio.run(serve_stdio, server)
         else:
             _run_http(server, settings)
     finally:
         from phi3v_tools.runner import close_runners
 
         close_runners()
+
+
+async def serve_stdio(server: MCPServer[AppContext]) -> None:
+    """Serve ``server`` over this process's stdin and stdout until stdin ends (or the task is cancelled).
+
+    The SDK's stdio transport (``MCPServer.run("stdio")``), except that stdin is read on a daemon thread
+    (:class:`StdinLines`). The SDK reads it on an anyio worker thread, which is not a daemon: blocked on a
+    client's pipe that stays open, the interpreter waited for it at exit, so Ctrl-C (SIGINT) left the process
+    running until the client closed stdin.
+    """
+    from mcp.server.stdio import stdio_server
+
+    lowlevel = server._lowlevel_server  # what MCPServer.run_stdio_async serves
+    stdin = StdinLines.claim()
+    try:
+        async with stdio_server(stdin=cast("anyio.AsyncFile[str]", stdin)) as (read_stream, write_stream):
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+    finally:
+        stdin.release()
+
+
+class StdinLines:
+    """The lines of a file descriptor as an async iterator of text (UTF-8, bad bytes replaced), read ahead by at
+    most one line on a daemon thread, which the interpreter does not wait for at exit.
+
+    The thread may still be blocked reading when the server stops; it ends at the next line or end of file
+    (a process that goes on after serving should not read that descriptor meanwhile).
+    """
+
+    def __init__(self, fd: int, *, on_release: Callable[[], None] | None = None) -> None:
+        self._fd = fd
+        self._on_release = on_release
+        self._queue: asyncio.Queue[bytes] | None = None
+        self._ended = False
+
+    @classmethod
+    def claim(cls) -> "StdinLines":
+        """The lines of stdin; meanwhile fd 0 reads the null device (as in the SDK: what a handler or a child
+        process reads there is not taken from the client's messages), until :meth:`release`."""
+        try:
+            private = os.dup(0)
+        except OSError:
+            return cls(0)
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            try:
+                os.dup2(null, 0)
+            finally:
+                os.close(null)
+        except OSError:
+            return cls(private)
+
+        def restore() -> None:
+            with contextlib.suppress(OSError):
+                os.dup2(private, 0)
+
+        return cls(private, on_release=restore)
+
+    def release(self) -> None:
+        """Give fd 0 back (once); the descriptor read here stays open while its thread may still read it."""
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release()
+
+    def __aiter__(self) -> "StdinLines":
+        return self
+
+    async def __anext__(self) -> str:
+        if self._ended:
+            raise StopAsyncIteration
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=1)
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=self._read, args=(loop, self._queue), name="mcp-stdin", daemon=True).start()
+        line = await self._queue.get()
+        if not line:
+            self._ended = True
+            raise StopAsyncIteration
+        return line.decode("utf-8", errors="replace")
+
+    def _read(self, loop: asyncio.AbstractEventLoop, lines: "asyncio.Queue[bytes]") -> None:
+        """Read lines (and a last unterminated one) until end of file or an error, then hand over b""."""
+        parts: list[bytes] = []  # the line so far (a long line arrives in many chunks: joined once)
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            start = 0
+            while (end := chunk.find(b"\n", start)) >= 0:
+                parts.append(chunk[start : end + 1])
+                line, parts, start = b"".join(parts), [], end + 1
+                if not self._hand_over(loop, lines, line):
+                    return
+            if start < len(chunk):
+                parts.append(chunk[start:])
+        if parts and not self._hand_over(loop, lines, b"".join(parts)):
+            return
+        self._hand_over(loop, lines, b"")
+
+    @staticmethod
+    def _hand_over(loop: asyncio.AbstractEventLoop, lines: "asyncio.Queue[bytes]", line: bytes) -> bool:
+        """Put ``line`` on the queue once there is room; False when the loop has gone (nobody reads any more)."""
+        try:
+            put = asyncio.run_coroutine_threadsafe(lines.put(line), loop)
+        except RuntimeError:  # the loop is closed
+            return False
+        while True:
+            try:
+                put.result(timeout=1.0)
+                return True
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed():
+                    return False
+            except (concurrent.futures.CancelledError, RuntimeError):
+                return False
 
 
 def configure_logging(level: int = logging.INFO) -> None:

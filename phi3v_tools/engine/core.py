@@ -123,6 +123,7 @@ class Engine:
         self.joins = 0  # rows that joined a running batch
         self.prefill_chunks = 0
         self.static_batching = False  # benchmarks only: admit a new batch only when the last one has finished
+        self._warm_up: threading.Thread | None = None
         self._worker = threading.Thread(target=self._work, name="phi3v-engine", daemon=True)
         _LIVE.add(self)
         self._worker.start()
@@ -136,8 +137,17 @@ class Engine:
         model, processor = load_pretrained(settings.model_config(), num_crops=settings.num_crops, progress=progress)
         engine = cls(model, processor, settings)
         if warm_up:
-            threading.Thread(target=engine.grammars.warm_up, name="phi3v-grammar-warm-up", daemon=True).start()
+            engine._warm_up = threading.Thread(
+                target=engine._warm_up_grammars, name="phi3v-grammar-warm-up", daemon=True
+            )
+            engine._warm_up.start()
         return engine
+
+    def _warm_up_grammars(self) -> None:
+        try:
+            self.grammars.warm_up()
+        except Exception:  # a slow first JSON request, not a broken engine
+            logger.warning("warming up the grammar engine failed", exc_info=True)
 
     # -- information --------------------------------------------------------------------------------------------------
 
@@ -238,6 +248,8 @@ class Engine:
         self._prep.shutdown(wait=True)  # each request still being prepared sees the engine closed and fails
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout=timeout)
+        if self._warm_up is not None:  # a daemon thread inside torch or llguidance at interpreter exit aborts it
+            self._warm_up.join(timeout=timeout)
         self._fail_all(CancelledError("the runner was closed"))  # also when the loop is stuck in a step
         self._outputs.shutdown(wait=False)  # results being made are still made (bounded work)
         _LIVE.discard(self)

@@ -147,7 +147,8 @@ class Engine:
         try:
             self.grammars.warm_up()
         except Exception:  # a slow first JSON request, not a broken engine
-            logger.warning("warming up the grammar engine failed", exc_info=True)
+            if not self._closed.is_set():  # closing (interpreter exit) interrupts it: nothing to report
+                logger.warning("warming up the grammar engine failed", exc_info=True)
 
     # -- information --------------------------------------------------------------------------------------------------
 

@@ -146,9 +146,9 @@ class Engine:
     def _warm_up_grammars(self) -> None:
         try:
             self.grammars.warm_up()
-        except Exception:  # a slow first JSON request, not a broken engine
-            if not self._closed.is_set():  # closing (interpreter exit) interrupts it: nothing to report
-                logger.warning("warming up the grammar engine failed", exc_info=True)
+        except Exception as exc:  # a slow first JSON request, not a broken engine (or an interpreter exiting)
+            if not self._closed.is_set():
+                logger.warning("warming up the grammar engine failed (%s); the first JSON request will be slower", exc)
 
     # -- information --------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """GPU suite: the full-size Phi-3-vision (random bf16 weights, built on the card) against the card's ceilings.
 
-    python benchmarks/gpu_suite.py                      # on a CUDA machine, ~5 minutes
+    python benchmarks/gpu_suite.py                      # on a CUDA machine, ~5 minutes, plus step 7's
+    python benchmarks/gpu_suite.py --poisson-requests 0  # without step 7 (Poisson arrivals, several minutes)
     python benchmarks/gpu_suite.py --size tiny --device cpu   # smoke test of the script itself
 
 Needs only PyTorch, transformers and this package's dependencies (llguidance, jsonschema, pillow, tqdm):
@@ -12,7 +13,10 @@ no download, no checkpoint file. Steps, each printed as it runs:
 4. time to first token for one image at num_crops 1, 4, 16, split into CPU preprocessing, vision tower and
    prefill, vs the compute floor;
 5. throughput through the runner at concurrency 1, 4, 8, 16 (same image, 64 new tokens each);
-6. the image-feature cache and constrained decoding through the runner.
+6. the image-feature cache and constrained decoding through the runner;
+7. static vs continuous batching under Poisson arrivals of a mixed workload, at three rates relative to the
+   measured sequential capacity, and a short request behind two long answers (benchmarks/engine_cpu.py's
+   scenario, imported from it, with longer answers and more requests).
 
 Results: benchmarks/results/gpu_<card>.json. Random weights ramble, so every generation runs to its token
 budget (stop tokens are disabled where it matters) and the figures measure the machinery, not answers.
@@ -25,8 +29,10 @@ import asyncio
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,11 @@ from phi3v_tools.model.image_processing import preprocess_image
 from phi3v_tools.model.tiny import make_tiny_checkpoint, tiny_config
 from phi3v_tools.runner import GenerationRequest, Runner
 from phi3v_tools.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+# Poisson arrival rates as multiples of the mix's sequential capacity (requests/s served one at a time): the
+# runner decodes up to 16 rows at once, so 3x is light for continuous batching and 16x is near its saturation.
+POISSON_LOADS = (3.0, 8.0, 16.0)
 
 # Phi-3-vision-128k-instruct's config.json shapes. The 48 LongRoPE factors are placeholders: they change the
 # rotary angles, not the cost.
@@ -234,12 +245,42 @@ def runner_figures(runner: Runner, new_tokens: int) -> dict[str, Any]:
     return out
 
 
+def poisson_figures(runner: Runner, requests: int, seed: int = 0) -> dict[str, Any]:
+    """Static vs continuous batching under Poisson arrivals, and head of line (see benchmarks/engine_cpu.py)."""
+    sys.path.insert(0, str(HERE))
+    from engine_cpu import Mix, calibrate, compare_modes, head_of_line, image_pool, make_workload, rates_from, warm_up
+
+    mix = Mix(short_tokens=16, long_tokens=(256, 512))  # 0-2 images at num_crops 1 or 4: prompts <= 1.6k tokens
+    pool = image_pool()
+    warm_up(runner, pool, mix)
+    specs = make_workload(requests, seed, mix, len(pool))
+    calibration = calibrate(runner, specs, pool, mix, sample=8)  # the whole workload one by one takes too long
+    log(f"  calibration: {calibration}")
+    rates = rates_from(calibration, POISSON_LOADS)
+    out: dict[str, Any] = {
+        "requests": requests,
+        "seed": seed,
+        "mix": {"short_tokens": mix.short_tokens, "long_tokens": mix.long_tokens, "crops": mix.crops},
+        "calibration": calibration,
+        "loads_vs_sequential": POISSON_LOADS,
+        "rates_rps": rates,
+        "runs": compare_modes(runner, specs, rates, pool, calibration, log=log),
+    }
+    out["head_of_line"] = {}
+    for mode in ("static", "continuous"):
+        hol = head_of_line(runner, static=mode == "static", long_tokens=900, short_tokens=16, repeats=2)
+        out["head_of_line"][mode] = hol
+        log(f"  head of line, {mode}: {hol['short_behind_longs_ms']} ms vs {hol['short_alone_ms']} ms alone")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--poisson-requests", type=int, default=48, help="requests per rate and mode (0: skip)")
     args = parser.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -289,6 +330,15 @@ def main() -> None:
         finally:
             runner.close()
         log(f"runner: {json.dumps(results['runner'])}")
+
+        if args.poisson_requests > 0:
+            # 16 rows of up to ~2k prompt + answer tokens each: the default KV budget (16k) would admit 8
+            poisson_settings = replace(settings, max_batch_tokens=32768, max_queue=max(256, args.poisson_requests))
+            runner = Runner(model, processor, poisson_settings)
+            try:
+                results["poisson_batching"] = poisson_figures(runner, args.poisson_requests)
+            finally:
+                runner.close()
 
     out = args.out or Path("benchmarks/results") / f"gpu_{card.replace(' ', '_').replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,7 @@ class Engine:
         self.prefill_chunks = 0
         self.static_batching = False  # benchmarks only: admit a new batch only when the last one has finished
         self._warm_up: threading.Thread | None = None
+        self._masks: torch.Tensor | None = None  # grammar-mask buffer (step loop only)
         self._worker = threading.Thread(target=self._work, name="phi3v-engine", daemon=True)
         _LIVE.add(self)
         self._worker.start()
@@ -437,7 +438,7 @@ class Engine:
         try:
             constraints = [row.constraint for row in rows]
             grammars = self.grammars if any(c is not None for c in constraints) else None
-            bitmask = grammars.allocate(len(rows)) if grammars is not None else None
+            bitmask = self._bitmask(grammars, len(rows)) if grammars is not None else None
             with torch.inference_mode():  # the logits are the model's inference tensors: masked in place
                 tokens = choose(batch.logits, [row.sampling for row in rows], constraints, grammars, bitmask)
         except BaseException as exc:  # noqa: BLE001  # a native library's panic too: the step failed, not the loop
@@ -458,6 +459,12 @@ class Engine:
             self._step_failed(exc)
             return
         self.decode_steps += 1
+
+    def _bitmask(self, grammars: GrammarCompiler, rows: int) -> torch.Tensor:
+        """The grammar-mask buffer for ``rows`` rows, allocated once for the largest batch seen."""
+        if self._masks is None or self._masks.shape[0] < rows:
+            self._masks = grammars.allocate(max(rows, self.limits.max_batch_size))
+        return self._masks[:rows]
 
     def _step_failed(self, exc: BaseException) -> None:
         """A decode step failed: one row fails; several are re-run each on its own, so only the culprit fails."""

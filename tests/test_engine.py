@@ -18,7 +18,7 @@ from PIL import Image
 
 from phi3v_tools import runner as runner_module
 from phi3v_tools.engine import scheduler
-from phi3v_tools.engine.model_runner import Prefill, RunningBatch
+from phi3v_tools.engine.model_runner import Prefill, PromptGroup, RunningBatch
 from phi3v_tools.errors import CancelledError
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_tools.runner import GenerationRequest, GenerationResult, RequestHandle, Runner, get_runner
@@ -327,3 +327,37 @@ def test_the_plain_mask_kernel_masks_exactly_what_llguidance_does() -> None:
         llgt.apply_token_bitmask_inplace(expected, mask)
         apply_bitmask(got, mask)
         assert torch.equal(expected, got)
+
+
+def test_short_prompts_admitted_together_are_prefilled_in_one_pass_with_the_same_answers(
+    own_runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = own_runner(batch_window_ms=300, max_batch_size=16)
+    requests = [GenerationRequest.from_text(f"Short question {i}?" * (1 + i % 3), max_new_tokens=6) for i in range(12)]
+    alone = [runner.generate_sync(r).text for r in requests]
+    groups: list[int] = []
+    original = PromptGroup.run
+
+    def counted(self: PromptGroup) -> Any:
+        groups.append(len(self.prefills))
+        return original(self)
+
+    monkeypatch.setattr(PromptGroup, "run", counted)
+    handles = [runner.submit(r) for r in requests]
+    assert [h.future.result(30).text for h in handles] == alone
+    assert groups and max(groups) >= 6, groups  # one pass for many prompts
+
+
+def test_a_failed_group_prefill_falls_back_to_one_prompt_at_a_time(
+    own_runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = own_runner(batch_window_ms=300)
+    requests = [GenerationRequest.from_text(f"Question {i}?", max_new_tokens=4) for i in range(4)]
+    alone = [runner.generate_sync(r).text for r in requests]
+
+    def broken(self: PromptGroup) -> Any:
+        raise RuntimeError("injected group failure")
+
+    monkeypatch.setattr(PromptGroup, "run", broken)
+    handles = [runner.submit(r) for r in requests]
+    assert [h.future.result(30).text for h in handles] == alone

@@ -402,6 +402,10 @@ class Engine:
                 except Exception as exc:
                     self._fail_row(row, exc, "reading the prompt")
         ready = [row for row in ready if row.prefill is not None and row in self._prefilling]
+        group = self._short_prompts(ready, chunk)
+        if len(group) > 1:
+            self._prefill_group(group)
+            return
         plan = scheduler.prefill_plan([row.prefill.remaining for row in ready if row.prefill], chunk, chunk)
         for row, tokens in zip(ready, plan, strict=False):
             prefill = row.prefill
@@ -425,6 +429,52 @@ class Engine:
                 row.prefill = None
                 self._prefilling.remove(row)
                 self._running.append(row)
+
+    @staticmethod
+    def _short_prompts(ready: list[Row], chunk: int) -> list[Row]:
+        """Not-yet-started prompts that each fit in one chunk, oldest first, while the padded group fits in one."""
+        group: list[Row] = []
+        longest = 0
+        for row in ready:
+            prefill = row.prefill
+            if prefill is None or prefill.done or prefill.length > chunk or row.extra.get("prefill_alone"):
+                if not group:
+                    return []  # the oldest prompt is long: it goes first, in chunks
+                continue
+            longest = max(longest, prefill.length)
+            if (len(group) + 1) * longest > chunk:
+                break
+            group.append(row)
+        return group
+
+    def _prefill_group(self, rows: list[Row]) -> None:
+        started = time.perf_counter()
+        try:
+            cache, mask, last, logits = model_runner.PromptGroup(
+                self.model, [r.prefill for r in rows if r.prefill]
+            ).run()
+        except Exception:  # one prompt may be the cause: each is prefilled on its own from the next step
+            logger.warning(
+                "prefilling %d prompts together failed; prefilling them one by one", len(rows), exc_info=True
+            )
+            for row in rows:
+                row.extra["prefill_alone"] = True
+                row.prefill = None
+            return
+        elapsed = time.perf_counter() - started
+        self.prefill_chunks += 1
+        if self._batch is None:
+            self._batch = model_runner.RunningBatch(self.model)
+            self.batches += 1
+        elif self._running:
+            self.joins += len(rows)
+        assert isinstance(self._batch, model_runner.RunningBatch)
+        self._batch.join_rows(cache, mask, last, logits)
+        for row in rows:
+            row.prefill_s += elapsed
+            row.prefill = None
+            self._prefilling.remove(row)
+            self._running.append(row)
 
     @staticmethod
     def _features(row: Row) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ switch, as the fixed Phi-3.5 code does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from phi3v_tools.model.generation import BatchDecoder
-from phi3v_tools.model.modeling import Phi3VForCausalLM
+from phi3v_tools.model.modeling import Phi3VForCausalLM, positions_from_mask
 from phi3v_tools.model.processing import Phi3VProcessor
 from phi3v_tools.settings import ModelConfig, Settings
 
@@ -91,6 +92,41 @@ class Prefill:
             del self.embeds  # the cache holds what the decode needs
 
 
+class PromptGroup:
+    """Short prompts (each within one chunk) admitted together, prefilled in one left-padded forward pass.
+
+    Many short requests arriving at once (agents' parallel tool calls) then cost one pass, not one each.
+    """
+
+    def __init__(self, model: Phi3VForCausalLM, prefills: Sequence[Prefill]) -> None:
+        self.model = model
+        self.prefills = list(prefills)
+
+    def run(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill every prompt; the group's cache, mask [k, length], last positions [k, 1] and logits [k, vocab]."""
+        longest = max(p.length for p in self.prefills)
+        device = self.prefills[0].embeds.device
+        embeds = torch.cat([_left_pad_embeds(p.embeds, longest) for p in self.prefills])  # [k, longest, hidden]
+        mask = torch.cat(
+            [_left_pad(torch.ones((1, p.length), dtype=torch.long, device=device), longest) for p in self.prefills]
+        )
+        cache = DynamicCache()
+        with torch.inference_mode():
+            out = self.model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask, longest, 0, device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        last = torch.tensor([[p.length - 1] for p in self.prefills], device=device)
+        for p in self.prefills:
+            p.done = p.length
+            del p.embeds
+        return cache, mask, last, out.logits[:, -1]
+
+
 class RunningBatch:
     """The rows being decoded: one left-padded cache, one token per row per :meth:`step`."""
 
@@ -122,12 +158,16 @@ class RunningBatch:
         device = self.mask.device
         mask = torch.ones((1, prefill.length), dtype=torch.long, device=device)
         position = torch.tensor([[prefill.length - 1]], device=device)
-        self.joins += 1
+        self.join_rows(prefill.cache, mask, position, prefill.logits)
+
+    def join_rows(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor, logits: torch.Tensor) -> None:
+        """Append prefilled rows: their cache, mask [k, length] (0 on left padding), last positions [k, 1], logits."""
+        self.joins += int(mask.shape[0])
         if self.rows == 0:
-            self.cache, self.mask, self.last_position, self.logits = prefill.cache, mask, position, prefill.logits
+            self.cache, self.mask, self.last_position, self.logits = cache, mask, last, logits
             return
-        length = max(self.length, prefill.length)
-        for layer, new in zip(self.cache.layers, prefill.cache.layers, strict=True):
+        length = max(self.length, int(mask.shape[1]))
+        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
             (keys, values), (new_keys, new_values) = _kv(layer), _kv(new)
             _set_kv(
                 layer,
@@ -135,8 +175,8 @@ class RunningBatch:
                 torch.cat([_left_pad(values, length), _left_pad(new_values, length)]),
             )
         self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
-        self.last_position = torch.cat([self.last_position, position])
-        self.logits = torch.cat([self.logits, prefill.logits.to(self.logits.dtype)])
+        self.last_position = torch.cat([self.last_position, last])
+        self.logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order; cut columns no row uses."""
@@ -204,6 +244,12 @@ def _kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _set_kv(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
     layer.keys, layer.values = keys, values
+
+
+def _left_pad_embeds(embeds: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, L, hidden] -> [1, length, hidden], zeros on the left."""
+    missing = length - embeds.shape[1]
+    return F.pad(embeds, (0, 0, missing, 0)) if missing > 0 else embeds
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ class EngineLimits:
     batch_window_ms: float = 5.0
     max_batch_size: int = 8
     max_batch_tokens: int = 16384
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = 2048
     max_step_images: int = 8
     max_queue: int = 64
     max_images: int = 8
@@ -73,7 +73,7 @@ class Settings:
     batch_window_ms: float = 5.0  # an idle engine waits this long for company before it starts a batch
     max_batch_size: int = 8  # requests decoded together (rows of the running batch)
     max_batch_tokens: int = 16384  # KV cache bound: rows x the longest row's prompt + max_new_tokens (padded)
-    prefill_chunk_tokens: int = 512  # prompt tokens prefilled per engine step; running rows wait at most this
+    prefill_chunk_tokens: int = 2048  # prompt tokens prefilled per engine step; running rows wait at most this
     max_step_images: int = 8  # images the vision tower encodes per engine step
     max_queue: int = 64  # waiting requests; beyond that a request is refused at once with BusyError
     max_images: int = 8  # images per request

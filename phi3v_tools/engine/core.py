@@ -11,7 +11,8 @@ A request goes through:
 3. **the step loop** (one thread owns the model). Each step: admit waiting requests within the batch,
    KV and LongRoPE limits (:mod:`~phi3v_tools.engine.scheduler`); encode the uncached images of the
    admitted requests in one vision batch (at most ``max_step_images``); prefill at most
-   ``prefill_chunk_tokens`` prompt tokens (a finished prompt joins the running batch); then one decode
+   ``prefill_chunk_tokens`` prompt tokens, one chunk of a long prompt or a group of short ones (a
+   finished prompt joins the running batch); then one decode
    step for every running row (:mod:`~phi3v_tools.engine.model_runner`, :mod:`~phi3v_tools.engine.sampler`).
    A short request admitted beside long ones therefore starts within one bounded chunk and finishes on
    its own schedule;
@@ -24,8 +25,10 @@ its rows on its own (greedy and seeded tokens are the same alone), so only the r
 fails. A caller waits at most until its deadline plus a short grace.
 
 Guarantees under joins: a row's greedy tokens and seeded samples do not depend on when it joined or who
-left (its prompt is prefilled alone in chunks cut at fixed offsets; its attention sees only its own
-tokens; its sampler has its own generator). Cancelling leaves the batch before the next decode step.
+left (a long prompt is prefilled in chunks cut at fixed offsets; attention sees only the row's own
+tokens; its sampler has its own generator). As in every batching engine, a batched matrix product may
+differ from a single row's in the last bits; the tests check the tokens are the same (joins at random
+steps, on the fp32 tiny model). Cancelling leaves the batch before the next decode step.
 """
 
 from __future__ import annotations
@@ -307,15 +310,18 @@ class Engine:
         """One engine step; returns how long to wait for new work before the next one (0: go on at once)."""
         while True:
             try:
-                self._waiting.append(self._intake.get_nowait())
+                row = self._intake.get_nowait()
             except queue.Empty:
                 break
+            row.ready_at = time.perf_counter()
+            self._waiting.append(row)
         self._expire()
         if not (self._running or self._prefilling):
             if not self._waiting:
                 return 0.1
-            # An idle engine gives the first request a moment for company (arrivals in a burst batch together).
-            waited = time.perf_counter() - self._waiting[0].handle.submitted
+            # An idle engine gives the first request a moment for company (arrivals in a burst batch together),
+            # counted from when it was ready (its preparation is not company's fault).
+            waited = time.perf_counter() - self._waiting[0].ready_at
             window = self.limits.batch_window_ms / 1000
             if waited < window and len(self._waiting) < self.limits.max_batch_size:
                 return window - waited

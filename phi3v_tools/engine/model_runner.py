@@ -3,20 +3,23 @@
 KV layout: **left-padded rows merged into one running batch** (transformers' ``DynamicCache`` tensors,
 ``[rows, heads, length, head_dim]`` per layer, with a ``[rows, length]`` attention mask).
 
-- A new request is prefilled on its own, in chunks of ``prefill_chunk_tokens`` cut at fixed multiples, into
-  its own cache; when its prompt is done it joins the running batch: the shorter side is left-padded with
-  zeros (masked out) and the rows are concatenated. Its positions count only its own tokens, so its
-  attention sees exactly what it sees alone.
+- A long prompt is prefilled on its own, in chunks of ``prefill_chunk_tokens`` cut at fixed multiples, into
+  its own cache (:class:`Prefill`); short prompts admitted together (each within one chunk) are prefilled
+  in one left-padded pass (:class:`PromptGroup`). A finished prompt joins the running batch: the shorter
+  side is left-padded with zeros (masked out) and the rows are concatenated. Positions count only a row's
+  own tokens, so its attention sees what it sees alone.
 - A row that finishes or is cancelled is dropped (``keep``); leading columns that are padding for every
   remaining row are cut (``trim``), so the cache never stays longer than its longest live row.
 - The decode step feeds one token per row; every attention implementation transformers has (sdpa,
   eager, flash-attention 2's padded path) takes this layout as it is.
 
 Trade-offs, measured in benchmarks/README.md ("engine"): a join copies the running cache once
-(``rows x length`` per layer), and short rows beside a long one are padded to its length (memory, and
-attention over masked columns). Preallocated per-row slots or paged blocks avoid both and give the
-static shapes a CUDA-graph decode step needs; they need their own attention kernel calls (transformers
-builds masks for one shared cache position), which is the next step on a GPU. The admission bound in
+(``rows x length`` per layer); short rows beside a long one are padded to its length (memory, and
+attention over masked columns); a chunked prefill costs more than one pass (on the tiny CPU model a
+2,400-token prompt takes 1.85x as long in 512-token chunks, 1.4x in 2048-token ones). Preallocated
+per-row slots or paged blocks avoid the copies and the padding and give the static shapes a CUDA-graph
+decode step needs; they need their own attention kernel calls (transformers builds masks for one shared
+cache position), which is the next step on a GPU. The admission bound in
 :mod:`~phi3v_tools.engine.scheduler` counts the padding, so memory never exceeds the budget.
 
 Rows whose prompt + answer crosses the LongRoPE switch (4096 positions) run alone through

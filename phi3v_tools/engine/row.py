@@ -32,6 +32,7 @@ class Row:
     sampling: RowSampling
     alone_above: int  # budgets above this cross the LongRoPE switch
     isolated: bool = False  # re-run after a failed step: runs with no company
+    ready_at: float = 0.0  # when it reached the waiting queue (prepared)
     vision_s: float = 0.0
     prefill_s: float = 0.0
     prefill: Prefill | None = None

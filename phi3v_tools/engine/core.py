@@ -367,12 +367,7 @@ class Engine:
     def _fail_row(self, row: Row, exc: BaseException, doing: str) -> None:
         """Fail a row being prepared for decoding (its images or its prefill) and drop it."""
         if isinstance(exc, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            error: Phi3VToolsError = OutOfMemoryError(
-                f"out of accelerator memory for one request ({len(row.ids)} prompt tokens); use fewer "
-                "images, a smaller num_crops or a smaller max_new_tokens"
-            )
+            error: Phi3VToolsError = _out_of_memory(len(row.ids))
         elif isinstance(exc, Phi3VToolsError):
             error = exc
         else:
@@ -529,12 +524,7 @@ class Engine:
         rows = [row for row in self._running if row.handle.pending]
         self._running, self._batch = [], None
         if isinstance(exc, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            failure: Phi3VToolsError = OutOfMemoryError(
-                f"out of accelerator memory for one request ({len(rows[0].ids) if rows else 0} prompt tokens); "
-                "use fewer images, a smaller num_crops or a smaller max_new_tokens"
-            )
+            failure: Phi3VToolsError = _out_of_memory(len(rows[0].ids) if rows else 0)
             logger.warning("out of memory with a batch of %d", len(rows))
         else:
             logger.error("a decoding step failed for a batch of %d", len(rows), exc_info=exc)
@@ -634,6 +624,16 @@ class Engine:
             for row in rows:
                 if row.handle.pending:
                     row.handle.fail(error)
+
+
+def _out_of_memory(prompt_tokens: int) -> OutOfMemoryError:
+    """The error for a request that ran out of accelerator memory (the allocator's cache is emptied first)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return OutOfMemoryError(
+        f"out of accelerator memory for one request ({prompt_tokens} prompt tokens); use fewer images, a smaller "
+        "num_crops or a smaller max_new_tokens"
+    )
 
 
 # Every live engine is closed at interpreter exit: its step loop must not be inside torch while the

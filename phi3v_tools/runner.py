@@ -62,6 +62,8 @@ def get_runner(settings: Settings, *, progress: bool = True) -> Runner:
     key = settings.model_config()
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(key)
+        if runner is not None and getattr(runner, "closed", False):  # closed by its owner: load a fresh one
+            runner = None
         if runner is None:
             runner = Runner.load(settings, progress=progress)
             _RUNNERS[key] = runner

@@ -19,7 +19,7 @@ from PIL import Image
 from phi3v_tools import runner as runner_module
 from phi3v_tools.engine import scheduler
 from phi3v_tools.engine.model_runner import Prefill, PromptGroup, RunningBatch
-from phi3v_tools.errors import CancelledError
+from phi3v_tools.errors import CancelledError, GenerationError, OutOfMemoryError
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_tools.runner import GenerationRequest, GenerationResult, RequestHandle, Runner, get_runner
 from phi3v_tools.settings import Settings
@@ -361,3 +361,46 @@ def test_a_failed_group_prefill_falls_back_to_one_prompt_at_a_time(
     monkeypatch.setattr(PromptGroup, "run", broken)
     handles = [runner.submit(r) for r in requests]
     assert [h.future.result(30).text for h in handles] == alone
+
+
+def test_a_failed_join_fails_only_the_joining_row_and_the_running_one_finishes(
+    own_runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = own_runner()
+    started = threading.Event()
+    running = runner.submit(GenerationRequest.from_text("Run.", max_new_tokens=40, on_text=lambda _p: started.set()))
+    assert started.wait(30)
+    original = RunningBatch.join_rows
+
+    def broken(self: RunningBatch, *args: Any) -> None:
+        if self.rows:
+            raise torch.OutOfMemoryError("injected while merging caches")
+        original(self, *args)
+
+    monkeypatch.setattr(RunningBatch, "join_rows", broken)
+    joining = runner.submit(GenerationRequest.from_text("Join.", max_new_tokens=5))
+    with pytest.raises(OutOfMemoryError, match="num_crops"):
+        joining.future.result(30)
+    assert running.future.result(30).completion_tokens == 40
+
+
+def test_a_vanishing_temperature_samples_near_greedily_and_a_row_whose_sampling_fails_fails_alone(
+    own_runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = own_runner(batch_window_ms=300)
+    greedy = GenerationRequest.from_text("Hello there.", max_new_tokens=12)
+    expected = runner.generate_sync(greedy).text
+    tiny = runner.generate_sync(GenerationRequest.from_text("Hello there.", max_new_tokens=12, temperature=1e-300))
+    assert tiny.text == expected  # 1e-300 samples as 1e-5: the greedy answer, not a division by zero
+    from phi3v_tools.engine import sampler
+
+    def broken(logits: torch.Tensor, row: Any) -> int:
+        raise RuntimeError("probability tensor contains inf")
+
+    monkeypatch.setattr(sampler, "_sample", broken)
+    companion = runner.submit(GenerationRequest.from_text("Hello there.", max_new_tokens=12))
+    bad = runner.submit(GenerationRequest.from_text("Sample.", max_new_tokens=12, temperature=0.7, seed=1))
+    with pytest.raises(GenerationError, match="sampling"):
+        bad.future.result(30)
+    assert companion.future.result(30).text == expected
+    assert runner.info()["batches"] >= 1

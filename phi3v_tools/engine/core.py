@@ -52,7 +52,7 @@ from phi3v_tools.engine import model_runner, output, prompts, scheduler
 from phi3v_tools.engine.model_runner import load_pretrained
 from phi3v_tools.engine.preparation import Preparer
 from phi3v_tools.engine.row import Row
-from phi3v_tools.engine.sampler import choose
+from phi3v_tools.engine.sampler import SAMPLING_FAILED, choose
 from phi3v_tools.engine.stream import TextStream
 from phi3v_tools.engine.types import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -153,6 +153,10 @@ class Engine:
         except Exception as exc:  # a slow first JSON request, not a broken engine (or an interpreter exiting)
             if not self._closed.is_set():
                 logger.warning("warming up the grammar engine failed (%s); the first JSON request will be slower", exc)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     # -- information --------------------------------------------------------------------------------------------------
 
@@ -299,7 +303,7 @@ class Engine:
                 wait = self._step()
             except BaseException as exc:  # noqa: BLE001  # e.g. a native library's panic: the loop must live on
                 logger.exception("an engine step failed outside its rows' own work")
-                self._fail_all(GenerationError(f"internal error while generating: {exc}"))
+                self._fail_all(GenerationError(f"internal error while generating: {exc}"), waiting=False)
                 wait = 0.0
             if wait > 0:
                 self._wake.wait(wait)
@@ -426,7 +430,11 @@ class Engine:
                 elif self._running:
                     self.joins += 1
                 assert isinstance(self._batch, model_runner.RunningBatch)
-                self._batch.join(prefill)
+                try:
+                    self._batch.join(prefill)
+                except Exception as exc:  # the batch is unchanged: only the joining row fails
+                    self._fail_row(row, exc, "joining the running batch")
+                    continue
                 row.prefill = None
                 self._prefilling.remove(row)
                 self._running.append(row)
@@ -470,7 +478,16 @@ class Engine:
         elif self._running:
             self.joins += len(rows)
         assert isinstance(self._batch, model_runner.RunningBatch)
-        self._batch.join_rows(cache, mask, last, logits)
+        try:
+            self._batch.join_rows(cache, mask, last, logits)
+        except Exception:  # the batch is unchanged: these prompts are prefilled one by one instead
+            logger.warning(
+                "joining %d prompts to the batch failed; prefilling them one by one", len(rows), exc_info=True
+            )
+            for row in rows:
+                row.extra["prefill_alone"] = True
+                row.prefill = None
+            return
         for row in rows:
             row.prefill_s += elapsed
             row.prefill = None
@@ -498,8 +515,13 @@ class Engine:
         now = time.perf_counter()
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens, strict=True)) if self._step_row(row, token, now)]
         if len(keep) < len(rows):
+            try:
+                batch.keep(keep)
+            except BaseException as exc:  # noqa: BLE001  # the batch's state is unknown: re-run its rows
+                self._running = [rows[i] for i in keep]
+                self._step_failed(exc)
+                return
             rows = [rows[i] for i in keep]
-            batch.keep(keep)
             self._running = rows
         if not rows:
             self._batch = None
@@ -554,6 +576,8 @@ class Engine:
     def _advance(self, row: Row, token: int, now: float) -> bool:
         """Record ``token`` for ``row``; False when the row is done (its future then holds the outcome)."""
         handle = row.handle
+        if token == SAMPLING_FAILED:
+            raise GenerationError("sampling this answer's next token failed; retry, or use another temperature")
         if handle.cancelled:
             handle.fail(CancelledError("the request was cancelled"))
             return False
@@ -609,18 +633,22 @@ class Engine:
     def _result(self, row: Row, reason: FinishReason) -> GenerationResult:
         return output.make_result(row, reason, self._text)
 
-    def _fail_all(self, error: Phi3VToolsError) -> None:
-        """Fail every request not yet answered (closing, or a step loop failure outside any row)."""
+    def _fail_all(self, error: Phi3VToolsError, *, waiting: bool = True) -> None:
+        """Fail every request not yet answered (closing), or with ``waiting=False`` the admitted ones only (a step
+        loop failure outside any row: the waiting requests took no part in it)."""
         with self._fail_lock:
-            waiting = list(self._waiting)
-            while True:
-                try:
-                    waiting.append(self._intake.get_nowait())
-                except queue.Empty:
-                    break
-            rows = [*waiting, *self._prefilling, *self._running]
-            self._waiting, self._prefilling, self._running, self._batch = deque(), [], [], None
-            self._unpend(len(waiting))
+            queued: list[Row] = []
+            if waiting:
+                queued = list(self._waiting)
+                while True:
+                    try:
+                        queued.append(self._intake.get_nowait())
+                    except queue.Empty:
+                        break
+                self._waiting = deque()
+                self._unpend(len(queued))
+            rows = [*queued, *self._prefilling, *self._running]
+            self._prefilling, self._running, self._batch = [], [], None
             for row in rows:
                 if row.handle.pending:
                     row.handle.fail(error)

@@ -165,21 +165,27 @@ class RunningBatch:
 
     def join_rows(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor, logits: torch.Tensor) -> None:
         """Append prefilled rows: their cache, mask [k, length] (0 on left padding), last positions [k, 1], logits."""
-        self.joins += int(mask.shape[0])
         if self.rows == 0:
+            self.joins += int(mask.shape[0])
             self.cache, self.mask, self.last_position, self.logits = cache, mask, last, logits
             return
         length = max(self.length, int(mask.shape[1]))
+        merged = []  # built in full before anything changes: a failure (out of memory) leaves the batch as it was
         for layer, new in zip(self.cache.layers, cache.layers, strict=True):
             (keys, values), (new_keys, new_values) = _kv(layer), _kv(new)
-            _set_kv(
-                layer,
-                torch.cat([_left_pad(keys, length), _left_pad(new_keys, length)]),
-                torch.cat([_left_pad(values, length), _left_pad(new_values, length)]),
+            merged.append(
+                (
+                    torch.cat([_left_pad(keys, length), _left_pad(new_keys, length)]),
+                    torch.cat([_left_pad(values, length), _left_pad(new_values, length)]),
+                )
             )
-        self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
-        self.last_position = torch.cat([self.last_position, last])
-        self.logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
+        joined_mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
+        joined_last = torch.cat([self.last_position, last])
+        joined_logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
+        for layer, (keys, values) in zip(self.cache.layers, merged, strict=True):
+            _set_kv(layer, keys, values)
+        self.mask, self.last_position, self.logits = joined_mask, joined_last, joined_logits
+        self.joins += int(mask.shape[0])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order; cut columns no row uses."""

@@ -62,7 +62,7 @@ def stream(row: Row, decode: Callable[[list[int]], str]) -> None:
     try:
         if on_text is not None:
             on_text(delta)
-    except Exception:  # a broken listener must not break the batch
+    except BaseException:  # noqa: BLE001  # a broken listener (even one raising SystemExit) must not break the batch
         logger.exception("a streaming callback failed")
 
 

@@ -2,7 +2,8 @@
 
 The grammar masks of all constrained rows are filled in parallel by llguidance
 (:class:`~phi3v_tools.grammar.GrammarCompiler`); a row whose grammar allows no token at all gets ``-1``
-(the engine fails that row alone, with the grammar's reason).
+(the engine fails that row alone, with the grammar's reason); a row whose sampling fails gets ``-2`` and
+fails alone too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from phi3v_tools.grammar import GrammarCompiler, JsonConstraint
+
+GRAMMAR_BLOCKED = -1  # the row's grammar allows no token
+SAMPLING_FAILED = -2  # sampling the row's token failed (its own numbers)
+MIN_TEMPERATURE = 1e-5  # smaller temperatures divide logits to infinity: they sample as this (near-greedy)
 
 
 class RowSampling:
@@ -52,12 +57,19 @@ def choose(
             blocked = set(torch.isneginf(logits.amax(dim=-1)).nonzero().flatten().tolist())
     for i, row in enumerate(rows):
         if i in blocked:
-            chosen[i] = -1
+            chosen[i] = GRAMMAR_BLOCKED
         elif row.temperature > 0:
-            probs = torch.softmax(logits[i] / row.temperature, dim=-1)
-            if row.top_p is not None and row.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                drop = sorted_probs.cumsum(0) - sorted_probs > row.top_p
-                probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-            chosen[i] = int(torch.multinomial(probs.cpu(), 1, generator=row.generator).item())
+            try:
+                chosen[i] = _sample(logits[i], row)
+            except Exception:  # this row's own numbers: it fails alone, its companions go on
+                chosen[i] = SAMPLING_FAILED
     return chosen
+
+
+def _sample(logits: torch.Tensor, row: RowSampling) -> int:
+    probs = torch.softmax(logits / max(row.temperature, MIN_TEMPERATURE), dim=-1)
+    if row.top_p is not None and row.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs > row.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs.cpu(), 1, generator=row.generator).item())

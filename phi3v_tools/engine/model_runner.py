@@ -20,7 +20,9 @@ attention over masked columns); a chunked prefill costs more than one pass (on t
 per-row slots or paged blocks avoid the copies and the padding and give the static shapes a CUDA-graph
 decode step needs; they need their own attention kernel calls (transformers builds masks for one shared
 cache position), which is the next step on a GPU. The admission bound in
-:mod:`~phi3v_tools.engine.scheduler` counts the padding, so memory never exceeds the budget.
+:mod:`~phi3v_tools.engine.scheduler` counts the padding, so the cache never outgrows the budget; a join
+briefly holds the old and the merged copy (twice the cache at worst), and a merge that runs out of memory
+fails only the joining rows (the batch is changed only once the merged copy exists).
 
 Rows whose prompt + answer crosses the LongRoPE switch (4096 positions) run alone through
 :class:`~phi3v_tools.model.generation.BatchDecoder`, which recomputes the sequence with long factors at the

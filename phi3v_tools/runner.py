@@ -54,22 +54,38 @@ logger = logging.getLogger(__name__)
 Runner = Engine  # the name older code uses
 
 _RUNNERS: dict[ModelConfig, Runner] = {}
-_RUNNERS_LOCK = threading.Lock()
+_RUNNERS_LOCK = threading.Lock()  # guards the two dicts; never held while a model loads
+_LOADING: dict[ModelConfig, threading.Lock] = {}  # one lock per model being loaded
 
 
 def get_runner(settings: Settings, *, progress: bool = True) -> Runner:
-    """The process's engine for the model ``settings`` name: loaded on first use, then shared by every caller."""
+    """The process's engine for the model ``settings`` name: loaded on first use, then shared by every caller.
+
+    A model that is loading makes only the callers of that model wait: others, and ``close_runners``, go on.
+    """
     key = settings.model_config()
+    runner = _live(key)
+    if runner is None:
+        with _RUNNERS_LOCK:
+            loading = _LOADING.setdefault(key, threading.Lock())
+        with loading:
+            runner = _live(key)  # another caller may have loaded it meanwhile
+            if runner is None:
+                runner = Runner.load(settings, progress=progress)
+                with _RUNNERS_LOCK:
+                    _RUNNERS[key] = runner
+                return runner
+    _warn_if_other_limits(runner, settings)
+    return runner
+
+
+def _live(key: ModelConfig) -> Runner | None:
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(key)
         if runner is not None and getattr(runner, "closed", False):  # closed by its owner: load a fresh one
-            runner = None
-        if runner is None:
-            runner = Runner.load(settings, progress=progress)
-            _RUNNERS[key] = runner
-            return runner
-    _warn_if_other_limits(runner, settings)
-    return runner
+            del _RUNNERS[key]
+            return None
+        return runner
 
 
 def _warn_if_other_limits(runner: Runner, settings: Settings) -> None:

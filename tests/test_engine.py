@@ -404,3 +404,47 @@ def test_a_vanishing_temperature_samples_near_greedily_and_a_row_whose_sampling_
         bad.future.result(30)
     assert companion.future.result(30).text == expected
     assert runner.info()["batches"] >= 1
+
+
+def test_cancelling_the_future_itself_stops_the_request(own_runner: Any) -> None:
+    runner = own_runner()
+    started = threading.Event()
+    handle = runner.submit(GenerationRequest.from_text("Run.", max_new_tokens=800, on_text=lambda _p: started.set()))
+    assert started.wait(30)
+    assert handle.future.cancel() or handle.future.done()
+    deadline = time.perf_counter() + 10
+    while runner._running and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert not runner._running  # it left the batch, well before its 800 tokens
+    assert runner.generate_sync(GenerationRequest.from_text("next", max_new_tokens=2)).completion_tokens == 2
+
+
+def test_a_model_that_is_loading_does_not_hold_up_callers_of_another(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    release = threading.Event()
+
+    class SlowRunner:
+        closed = False
+
+        @classmethod
+        def load(cls, settings: Settings, *, progress: bool = True) -> SlowRunner:
+            if settings.model == "slow":
+                release.wait(10)
+            return cls()
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(runner_module, "Runner", SlowRunner)
+    monkeypatch.setattr(runner_module, "_RUNNERS", {})
+    slow = threading.Thread(target=get_runner, args=(Settings(model="slow", cache_dir=tmp_path),))
+    slow.start()
+    try:
+        time.sleep(0.1)  # the slow load is under way
+        started = time.perf_counter()
+        other = get_runner(Settings(model="quick", cache_dir=tmp_path))
+        assert time.perf_counter() - started < 1.0 and isinstance(other, SlowRunner)
+    finally:
+        release.set()
+        slow.join(10)

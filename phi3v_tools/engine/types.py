@@ -103,6 +103,8 @@ class RequestHandle:
         # Sampling without a seed still gets one, drawn once: a re-run after a failed step then samples the same.
         self.seed = request.seed if request.seed is not None or request.temperature <= 0 else secrets.randbits(63)
         self._cancelled = threading.Event()
+        # Cancelling the future itself (e.g. through the caller's own asyncio.wrap_future) cancels the request.
+        self.future.add_done_callback(lambda future: self._cancelled.set() if future.cancelled() else None)
 
     @property
     def max_new_tokens(self) -> int:

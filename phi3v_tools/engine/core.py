@@ -458,36 +458,27 @@ class Engine:
 
     def _prefill_group(self, rows: list[Row]) -> None:
         started = time.perf_counter()
+        batch = self._batch if isinstance(self._batch, model_runner.RunningBatch) else None
         try:
             cache, mask, last, logits = model_runner.PromptGroup(
                 self.model, [r.prefill for r in rows if r.prefill]
             ).run()
+            batch = batch or model_runner.RunningBatch(self.model)
+            batch.join_rows(cache, mask, last, logits)  # changes the batch only when it succeeds
         except Exception:  # one prompt may be the cause: each is prefilled on its own from the next step
-            logger.warning(
-                "prefilling %d prompts together failed; prefilling them one by one", len(rows), exc_info=True
-            )
+            logger.warning("prefilling %d prompts together failed; one by one now", len(rows), exc_info=True)
             for row in rows:
                 row.extra["prefill_alone"] = True
                 row.prefill = None
             return
         elapsed = time.perf_counter() - started
         self.prefill_chunks += 1
+        assert self._batch is None or self._batch is batch, "a group joins only a shared batch"
         if self._batch is None:
-            self._batch = model_runner.RunningBatch(self.model)
+            self._batch = batch
             self.batches += 1
         elif self._running:
             self.joins += len(rows)
-        assert isinstance(self._batch, model_runner.RunningBatch)
-        try:
-            self._batch.join_rows(cache, mask, last, logits)
-        except Exception:  # the batch is unchanged: these prompts are prefilled one by one instead
-            logger.warning(
-                "joining %d prompts to the batch failed; prefilling them one by one", len(rows), exc_info=True
-            )
-            for row in rows:
-                row.extra["prefill_alone"] = True
-                row.prefill = None
-            return
         for row in rows:
             row.prefill_s += elapsed
             row.prefill = None

@@ -446,7 +446,7 @@ class Engine:
         longest = 0
         for row in ready:
             prefill = row.prefill
-            if prefill is None or prefill.done or prefill.length > chunk or row.extra.get("prefill_alone"):
+            if prefill is None or prefill.done or prefill.length > chunk or row.prefill_alone:
                 if not group:
                     return []  # the oldest prompt is long: it goes first, in chunks
                 continue
@@ -468,7 +468,7 @@ class Engine:
         except Exception:  # one prompt may be the cause: each is prefilled on its own from the next step
             logger.warning("prefilling %d prompts together failed; one by one now", len(rows), exc_info=True)
             for row in rows:
-                row.extra["prefill_alone"] = True
+                row.prefill_alone = True
                 row.prefill = None
             return
         elapsed = time.perf_counter() - started

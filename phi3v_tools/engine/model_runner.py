@@ -138,7 +138,6 @@ class RunningBatch:
     def __init__(self, model: Phi3VForCausalLM) -> None:
         self.model = model
         self.switch_at = model.config.original_max_position_embeddings
-        self.joins = 0  # rows merged in, over the batch's life
         self._clear()
 
     def _clear(self) -> None:
@@ -168,7 +167,6 @@ class RunningBatch:
     def join_rows(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor, logits: torch.Tensor) -> None:
         """Append prefilled rows: their cache, mask [k, length] (0 on left padding), last positions [k, 1], logits."""
         if self.rows == 0:
-            self.joins += int(mask.shape[0])
             self.cache, self.mask, self.last_position, self.logits = cache, mask, last, logits
             return
         length = max(self.length, int(mask.shape[1]))
@@ -187,7 +185,6 @@ class RunningBatch:
         for layer, (keys, values) in zip(self.cache.layers, merged, strict=True):
             _set_kv(layer, keys, values)
         self.mask, self.last_position, self.logits = joined_mask, joined_last, joined_logits
-        self.joins += int(mask.shape[0])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order; cut columns no row uses."""

@@ -70,7 +70,6 @@ class Preparer:
         return Row(
             handle=handle,
             ids=ids,
-            num_crops=num_crops,
             keys=keys,
             entries=entries,
             pixels=pixels,

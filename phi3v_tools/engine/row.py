@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from phi3v_tools.engine.types import RequestHandle
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 class Row:
     handle: RequestHandle
     ids: list[int]  # the prompt's token ids (images as runs of -k)
-    num_crops: int
     keys: list[str]  # feature-cache key per image
     entries: list[CachedFeatures | None]  # per image: its features once known
     pixels: dict[int, tuple[torch.Tensor, tuple[int, int]]]  # image index -> (crops, HD size) still to encode
@@ -41,7 +40,7 @@ class Row:
     produced: str = ""  # streamed text this attempt has produced
     first_token_at: float = 0.0
     last_token_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    prefill_alone: bool = False  # its prompt is prefilled on its own (a group it was in failed)
 
     @property
     def budget(self) -> int:
@@ -55,10 +54,6 @@ class Row:
     @property
     def alone(self) -> bool:
         return self.isolated or self.crosses_switch
-
-    @property
-    def features_ready(self) -> bool:
-        return all(e is not None for e in self.entries)
 
     def restart(self) -> None:
         """Back to the start of decoding (a re-run after a failed step): same seed, fresh grammar state."""

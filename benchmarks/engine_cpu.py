@@ -21,8 +21,9 @@ What it measures, every comparison in the same process on the same engine:
 3. head of line: two 900-token answers decoding, then an 8-token request; its latency vs the same request
    alone, in both modes.
 
-The engine runs with the default Settings (8 rows, a 16k-token KV bound, 512-token prefill chunks, 5 ms batch
-window) but a queue long enough that nothing is refused. One engine serves every run (``static_batching``
+The engine runs with the default Settings (16 rows, the KV bound that memory holds, which for the tiny model is
+16 full 4,096-token contexts, 2048-token prefill chunks, 5 ms batch window) but a queue long enough that nothing
+is refused. One engine serves every run (``static_batching``
 toggled between runs, the feature cache cleared before each, the engine idle in between); the modes alternate
 which goes first from rate to rate. The tiny random model rarely emits a stop token, so ``max_new_tokens``
 decides a free-text answer's length (a JSON answer ends where its grammar closes). ``--threads`` defaults to 1:
@@ -501,7 +502,8 @@ def main() -> None:
         results["engine"] = {
             "one_engine_toggled": True,
             "max_batch_size": runner.limits.max_batch_size,
-            "max_batch_tokens": runner.limits.max_batch_tokens,
+            "max_batch_tokens": runner.limits.max_batch_tokens,  # None: from memory, kv_budget_tokens below
+            "kv_budget_tokens": runner.admission.kv_tokens,
             "prefill_chunk_tokens": runner.limits.prefill_chunk_tokens,
             "max_step_images": runner.limits.max_step_images,
             "batch_window_ms": runner.limits.batch_window_ms,

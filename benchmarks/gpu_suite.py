@@ -332,8 +332,8 @@ def main() -> None:
         log(f"runner: {json.dumps(results['runner'])}")
 
         if args.poisson_requests > 0:
-            # 16 rows of up to ~2k prompt + answer tokens each: the default KV budget (16k) would admit 8
-            poisson_settings = replace(settings, max_batch_tokens=32768, max_queue=max(256, args.poisson_requests))
+            # the default KV budget: what the card's memory holds once the model is loaded (info() records it)
+            poisson_settings = replace(settings, max_queue=max(256, args.poisson_requests))
             runner = Runner(model, processor, poisson_settings)
             try:
                 results["poisson_batching"] = poisson_figures(runner, args.poisson_requests)

@@ -35,8 +35,8 @@ class EngineLimits:
 
     num_crops: int | None = None  # default crops per image; None: the checkpoint's (16 for Phi-3, 4 for Phi-3.5)
     batch_window_ms: float = 5.0
-    max_batch_size: int = 8
-    max_batch_tokens: int = 16384
+    max_batch_size: int = 16
+    max_batch_tokens: int | None = None  # None: what memory holds (engine.scheduler.kv_budget_tokens)
     prefill_chunk_tokens: int = 2048
     max_step_images: int = 8
     max_queue: int = 64
@@ -52,6 +52,8 @@ class EngineLimits:
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "prefill_chunk_tokens", "max_step_images", "max_queue"):
             value = getattr(self, name)
+            if value is None and name == "max_batch_tokens":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PHI3V_{name.upper()} must be a whole number of at least 1, got {value!r}")
 
@@ -71,8 +73,10 @@ class Settings:
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)  # where the tiny checkpoint is written
     # The runner (phi3v_tools.runner): batching, limits, the image-feature cache.
     batch_window_ms: float = 5.0  # an idle engine waits this long for company before it starts a batch
-    max_batch_size: int = 8  # requests decoded together (rows of the running batch)
-    max_batch_tokens: int = 16384  # KV cache bound: rows x the longest row's prompt + max_new_tokens (padded)
+    max_batch_size: int = 16  # requests decoded together (rows of the running batch)
+    # KV cache bound in tokens: rows x the longest row's prompt + max_new_tokens (padded). None: what memory
+    # holds, 40 % of the GPU memory free after loading or 4 GiB on CPU/MPS, at most max_batch_size full contexts
+    max_batch_tokens: int | None = None
     prefill_chunk_tokens: int = 2048  # prompt tokens prefilled per engine step; running rows wait at most this
     max_step_images: int = 8  # images the vision tower encodes per engine step
     max_queue: int = 64  # waiting requests; beyond that a request is refused at once with BusyError

@@ -306,6 +306,28 @@ def test_a_row_that_must_run_alone_waits_for_an_empty_batch_and_keeps_others_out
     assert scheduler.admit([Item(10)], [Item(10, alone=True)], LIMITS) == 0
 
 
+def test_an_unset_kv_budget_is_what_memory_holds_between_one_and_max_rows_full_contexts() -> None:
+    # Phi-3-vision in bf16: 32 layers x keys and values x 32 heads x 96 dims x 2 bytes = 384 KiB a position
+    per_token = 2 * 32 * 32 * 96 * 2
+    assert scheduler.kv_budget_tokens(per_token, 6 * 2**30, max_rows=16, max_context=4096) == 16384
+    assert scheduler.kv_budget_tokens(per_token, 64 * 2**30, max_rows=16, max_context=4096) == 16 * 4096
+    assert scheduler.kv_budget_tokens(per_token, 2**20, max_rows=16, max_context=4096) == 4096  # one request
+    assert scheduler.kv_budget_tokens(0, 2**30, max_rows=2, max_context=100) == 200
+
+
+def test_the_engine_sizes_an_unset_kv_budget_from_the_models_bytes_per_position(tiny_runner: Any) -> None:
+    from phi3v_tools.engine import model_runner
+
+    text = tiny_runner.model.config.text_config
+    expected = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    assert model_runner.kv_bytes_per_token(tiny_runner.model) == expected * 4  # float32 on CPU
+    limits = tiny_runner.limits
+    assert limits.max_batch_tokens is None
+    assert tiny_runner.info()["kv_budget_tokens"] == scheduler.kv_budget_tokens(
+        expected * 4, scheduler.KV_HOST_BYTES, limits.max_batch_size, limits.max_context
+    )
+
+
 def test_prefill_chunks_are_cut_at_fixed_offsets_and_the_first_always_runs() -> None:
     assert scheduler.prefill_plan([1300], 512, 512) == [512]
     assert scheduler.prefill_plan([100, 300, 200], 512, 512) == [100, 300]  # 200 more would pass the budget

@@ -40,3 +40,13 @@ def test_explicit_overrides_beat_the_environment_and_none_means_not_given() -> N
 def test_a_malformed_number_names_the_variable() -> None:
     with pytest.raises(ValueError, match="PHI3V_MAX_QUEUE must be a number"):
         Settings.from_env({"PHI3V_MAX_QUEUE": "lots"})
+
+
+def test_the_kv_budget_is_unset_by_default_and_a_bad_one_names_its_variable() -> None:
+    assert Settings.from_env({}).engine_limits().max_batch_tokens is None  # the engine sizes it from memory
+    assert Settings.from_env({"PHI3V_MAX_BATCH_TOKENS": "32768"}).engine_limits().max_batch_tokens == 32768
+    for bad in ("0", "-5"):
+        with pytest.raises(ValueError, match="PHI3V_MAX_BATCH_TOKENS must be a whole number of at least 1"):
+            Settings.from_env({"PHI3V_MAX_BATCH_TOKENS": bad}).engine_limits()
+    with pytest.raises(ValueError, match="PHI3V_MAX_BATCH_SIZE must be a whole number of at least 1"):
+        Settings.from_env({"PHI3V_MAX_BATCH_SIZE": "0"}).engine_limits()

@@ -101,7 +101,16 @@ class Engine:
         self.feature_cache = FeatureCache(cache_mb * 2**20)
         self.stop_ids = list(STOP_TOKEN_IDS)
         self.schema_limits = self.limits.schema_limits()
-        self.admission = scheduler.AdmissionLimits(self.limits.max_batch_size, self.limits.max_batch_tokens)
+        kv_tokens = self.limits.max_batch_tokens
+        if kv_tokens is None:  # what memory holds, the feature cache's promise set aside (it fills on the GPU)
+            reserved = cache_mb * 2**20 if model.device.type == "cuda" else 0
+            kv_tokens = scheduler.kv_budget_tokens(
+                model_runner.kv_bytes_per_token(model),
+                model_runner.kv_memory_bytes(model.device, reserved),
+                self.limits.max_batch_size,
+                self.limits.max_context,
+            )
+        self.admission = scheduler.AdmissionLimits(self.limits.max_batch_size, kv_tokens)
         self._alone_above = int(model.config.original_max_position_embeddings)
         self.preparer = Preparer(processor, self.feature_cache, self.model_id, lambda: self.grammars, self._alone_above)
         self.vision = VisionStage(model, self.feature_cache)
@@ -169,6 +178,8 @@ class Engine:
             "num_crops": self.num_crops,
             "queue": self._pending,
             "max_queue": self.limits.max_queue,
+            "max_batch_size": self.admission.max_rows,
+            "kv_budget_tokens": self.admission.kv_tokens,
             "running": len(self._running),
             "prefilling": len(self._prefilling),
             "batches": self.batches,

@@ -38,10 +38,31 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+from phi3v_tools.engine.scheduler import KV_GPU_FRACTION, KV_HOST_BYTES
 from phi3v_tools.model.generation import BatchDecoder
 from phi3v_tools.model.modeling import Phi3VForCausalLM, positions_from_mask
 from phi3v_tools.model.processing import Phi3VProcessor
 from phi3v_tools.settings import ModelConfig, Settings
+
+
+def kv_bytes_per_token(model: Phi3VForCausalLM) -> int:
+    """Bytes one position of the KV cache takes: keys and values, every layer, in the model's dtype."""
+    text = model.config.text_config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or int(text.hidden_size) // heads)
+    element = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * element
+
+
+def kv_memory_bytes(device: torch.device, reserved: int = 0) -> int:
+    """The memory the KV cache may take on ``device``: a share of the GPU memory free now, less ``reserved``
+    (memory promised to something that has not allocated it yet, e.g. the feature cache); a fixed amount
+    of host memory elsewhere."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(max(free - reserved, 0) * KV_GPU_FRACTION)
+    return KV_HOST_BYTES
 
 
 def load_pretrained(

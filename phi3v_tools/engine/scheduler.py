@@ -10,7 +10,10 @@ its tokens. Admission itself is bounded by:
 - the KV budget ``max_batch_tokens``: rows are left-padded to one length, so the cache can grow to
   ``rows x the longest row's prompt + max_new_tokens``; a request joins only when that bound, with it,
   stays within the budget. It is reserved in full at admission, so a running row never needs memory that
-  is not there: when the budget is full, requests wait (first come, first served);
+  is not there: when the budget is full, requests wait (first come, first served). Unset, the budget is
+  what memory holds (:func:`kv_budget_tokens`): a share of the GPU memory left free once the model is
+  loaded, or a fixed amount of host memory on CPU and MPS, as vLLM sizes its KV cache from
+  ``gpu_memory_utilization``;
 - the LongRoPE rule: a request whose prompt + max_new_tokens crosses the model's
   ``original_max_position_embeddings`` (4096) switches rotary factors mid-answer for the whole batch, so
   it runs with no company. So does a request re-run after a failed step (``isolated``), so that only the
@@ -33,6 +36,20 @@ class Schedulable(Protocol):
 
     @property
     def alone(self) -> bool: ...  # must run with no company (LongRoPE switch, or an isolated re-run)
+
+
+KV_GPU_FRACTION = 0.4  # of the GPU memory free after loading (a join briefly holds two copies: 0.8 at worst)
+KV_HOST_BYTES = 4 * 2**30  # CPU and MPS: host memory is shared with everything else, so a fixed amount
+
+
+def kv_budget_tokens(bytes_per_token: int, memory_bytes: int, max_rows: int, max_context: int) -> int:
+    """The KV bound, in tokens, that ``memory_bytes`` holds.
+
+    Never more than ``max_rows`` full contexts (the padded cache cannot grow past that, so a larger bound
+    would only hide a memory figure that is never used), never less than one (an idle engine runs any
+    request that passed submission)."""
+    fits = memory_bytes // max(bytes_per_token, 1)
+    return int(max(max_context, min(fits, max_rows * max_context)))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ $(BIN)/phi3v-tools: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: $(BIN)/phi3v-tools  ## the seed notebook's three tasks; tiny offline model unless PHI3V_MODEL is set
+demo: $(BIN)/phi3v-tools  ## the seed notebook's three tasks and a table; tiny offline model unless PHI3V_MODEL is set
 	$(BIN)/phi3v-tools demo
 
 test: $(BIN)/phi3v-tools  ## the test suite (offline, CPU)

@@ -3,7 +3,7 @@
     python examples/agent_chain.py                  # the tiny random model (offline; its words are random)
     PHI3V_MODEL=microsoft/Phi-3-vision-128k-instruct python examples/agent_chain.py
 
-The agent is ``langchain.agents.create_agent`` over the four tools of
+The agent is ``langchain.agents.create_agent`` over the five tools of
 :class:`~phi3v_tools.langchain.Phi3VisionToolkit`. Its chat model is scripted here so that the example runs
 offline and always takes the same path: it reads the title and author off a book cover (``read_text``), then
 compares that cover, named by the handle the first result gave it, with a football scene

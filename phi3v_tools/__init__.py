@@ -1,8 +1,8 @@
 """phi3v-tools: Phi-3-vision as tools for agents (LangChain, MCP, CLI, Python).
 
-``describe_image``, ``read_text``, ``compare_images`` and ``ask_images`` are the Python API (see
-:mod:`phi3v_tools.api`); the model lives in :mod:`phi3v_tools.model`. Both are imported on first use so
-that ``import phi3v_tools`` stays light.
+``describe_image``, ``read_text``, ``read_table``, ``compare_images`` and ``ask_images``, and their async
+forms ``adescribe_image`` ... ``aask_images``, are the Python API (see :mod:`phi3v_tools.api`); the model
+lives in :mod:`phi3v_tools.model`. Both are imported on first use so that ``import phi3v_tools`` stays light.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,8 +14,21 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
     __version__ = "0.0.0"
 
-__all__ = ["Phi3VToolsError", "__version__", "ask_images", "compare_images", "describe_image", "read_text"]
-_LAZY = {"ask_images", "compare_images", "describe_image", "read_text"}
+__all__ = [
+    "Phi3VToolsError",
+    "__version__",
+    "aask_images",
+    "acompare_images",
+    "adescribe_image",
+    "aread_table",
+    "aread_text",
+    "ask_images",
+    "compare_images",
+    "describe_image",
+    "read_table",
+    "read_text",
+]
+_LAZY = set(__all__) - {"Phi3VToolsError", "__version__"}
 
 
 def __getattr__(name: str) -> object:

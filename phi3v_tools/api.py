@@ -1,4 +1,5 @@
-"""The plain Python API: ``describe_image``, ``read_text``, ``compare_images``, ``ask_images``.
+"""The plain Python API: ``describe_image``, ``read_text``, ``read_table``, ``compare_images``, ``ask_images``,
+and their async forms (``adescribe_image`` ... ``aask_images``), which await the engine instead of blocking.
 
 They use one process-wide :class:`~phi3v_tools.tools.Toolbox` built from ``PHI3V_*`` variables on first
 use (this module is an edge: it reads the environment once). Build your own Toolbox for other settings.
@@ -15,9 +16,19 @@ from pydantic import BaseModel
 from phi3v_tools.engine.types import Backend
 from phi3v_tools.images import ImageRef, ImageStore
 from phi3v_tools.settings import Settings
-from phi3v_tools.tools import Answer, Detail, ImageComparison, ImageDescription, TextReading, Toolbox
+from phi3v_tools.tools import (
+    Answer,
+    Detail,
+    ImageComparison,
+    ImageDescription,
+    ProgressCallback,
+    Table,
+    TextReading,
+    Toolbox,
+)
 
 _DEFAULT: Toolbox | None = None
+_SETTINGS: Settings | None = None
 _LOCK = threading.Lock()
 
 
@@ -38,11 +49,22 @@ def toolbox_from_settings(settings: Settings) -> Toolbox:
     )
 
 
+def default_settings() -> Settings:
+    """The process's settings from ``PHI3V_*``, read once (they say, e.g., how many images a tool takes)."""
+    global _SETTINGS
+    with _LOCK:
+        if _SETTINGS is None:
+            _SETTINGS = Settings.from_env()
+        return _SETTINGS
+
+
 def default_toolbox() -> Toolbox:
+    """The process-wide toolbox over :func:`default_settings` (the model loads on its first call)."""
     global _DEFAULT
+    settings = default_settings()
     with _LOCK:
         if _DEFAULT is None:
-            _DEFAULT = toolbox_from_settings(Settings.from_env())
+            _DEFAULT = toolbox_from_settings(settings)
         return _DEFAULT
 
 
@@ -56,8 +78,13 @@ def read_text(image: ImageRef, fields: Sequence[str] | None = None) -> TextReadi
     return default_toolbox().read_text(image, fields)
 
 
+def read_table(image: ImageRef, columns: Sequence[str] | None = None) -> Table:
+    """A table or chart as data (columns, rows, title, units, summary); with ``columns``, exactly those."""
+    return default_toolbox().read_table(image, columns)
+
+
 def compare_images(images: Sequence[ImageRef], question: str | None = None) -> ImageComparison:
-    """Summary, similarities and differences of 2 to 4 images."""
+    """Summary, similarities and differences of 2 to ``PHI3V_MAX_COMPARE`` (default 4) images."""
     return default_toolbox().compare_images(images, question)
 
 
@@ -66,3 +93,42 @@ def ask_images(
 ) -> Answer:
     """Any question about images; with ``output_schema`` the answer conforms to it."""
     return default_toolbox().ask_images(images, question, output_schema)
+
+
+async def adescribe_image(
+    image: ImageRef, question: str | None = None, detail: Detail = "normal", *, on_text: ProgressCallback | None = None
+) -> ImageDescription:
+    """:func:`describe_image`, awaited; ``on_text`` sees the answer's text as it is written."""
+    return await default_toolbox().adescribe_image(image, question, detail, on_text=on_text)
+
+
+async def aread_text(
+    image: ImageRef, fields: Sequence[str] | None = None, *, on_text: ProgressCallback | None = None
+) -> TextReading:
+    """:func:`read_text`, awaited."""
+    return await default_toolbox().aread_text(image, fields, on_text=on_text)
+
+
+async def aread_table(
+    image: ImageRef, columns: Sequence[str] | None = None, *, on_text: ProgressCallback | None = None
+) -> Table:
+    """:func:`read_table`, awaited."""
+    return await default_toolbox().aread_table(image, columns, on_text=on_text)
+
+
+async def acompare_images(
+    images: Sequence[ImageRef], question: str | None = None, *, on_text: ProgressCallback | None = None
+) -> ImageComparison:
+    """:func:`compare_images`, awaited."""
+    return await default_toolbox().acompare_images(images, question, on_text=on_text)
+
+
+async def aask_images(
+    images: ImageRef | Sequence[ImageRef],
+    question: str,
+    output_schema: dict[str, Any] | type[BaseModel] | None = None,
+    *,
+    on_text: ProgressCallback | None = None,
+) -> Answer:
+    """:func:`ask_images`, awaited."""
+    return await default_toolbox().aask_images(images, question, output_schema, on_text=on_text)

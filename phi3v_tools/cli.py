@@ -1,9 +1,13 @@
 """The ``phi3v-tools`` command.
 
 Options are bound to ``PHI3V_*`` environment variables here, once, and handed down as a Settings object. The
-tool commands (describe, read-text, compare, ask) wrap :class:`~phi3v_tools.tools.Toolbox` and nothing else:
-images are passed through as given and resolved by :mod:`phi3v_tools.images` under the allowed-directory policy.
-stdout carries only the answer; progress (the weight-loading bar, the live JSON) goes to stderr.
+tool commands (describe, read-text, read-table, compare, ask) are built from the tools' table
+(:func:`phi3v_tools.tools.tool_specs`): one argument or option per field of a tool's arguments model, its help
+from the field's description, the result text from the result's ``to_text()`` (``--json``: the result model;
+``--csv`` where the result has ``to_csv()``). Images are passed through as given and resolved by
+:mod:`phi3v_tools.images` under the allowed-directory policy. stdout carries only the answer; progress (the
+weight-loading bar, the live JSON) and the note on an answer cut at its length limit go to stderr. Handles are
+not printed: they live in one process, and a shell's next command is another.
 
 Every command ends the same way, however it ends (an answer, an error, Ctrl-C): the models it loaded are
 closed before the interpreter exits (:func:`shut_down`), so that no engine thread is inside torch while the
@@ -22,19 +26,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import click
 
 from phi3v_tools.errors import Phi3VToolsError
 from phi3v_tools.model.checkpoint import DEFAULT_MODEL_ID
 from phi3v_tools.settings import Settings
-
-if TYPE_CHECKING:
-    from phi3v_tools.images import ImageRef
-    from phi3v_tools.tools import Answer, Detail, ImageComparison, ImageDescription, TextReading, Toolbox
-
-    Result = ImageDescription | TextReading | ImageComparison | Answer
+from phi3v_tools.tools import TRUNCATED_NOTE, Answer, Table, Toolbox, ToolResult, ToolSpec, tool_spec, tool_specs
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -114,12 +113,13 @@ def _second_interrupt_exits() -> Iterator[None]:
 @click.group(cls=Phi3VGroup, context_settings=CONTEXT)
 @click.version_option(package_name="phi3v-tools")
 def main() -> None:
-    """Phi-3-vision as tools for agents: describe images, read their text, compare them, ask about them.
+    """Phi-3-vision as tools for agents: describe images, read their text and tables, compare them, ask about them.
 
     \b
     Examples:
       phi3v-tools describe chart.png -q "Could you please introduce this stock to me?"
       phi3v-tools read-text cover.png --fields title,author --json
+      phi3v-tools read-table sales.png --columns Region,Q1 --csv
       phi3v-tools compare before.png after.png
       curl -s https://example.com/photo.jpg | phi3v-tools ask - -q "How many people are there?"
       phi3v-tools ask receipt.png -q "List the items" --schema items.json
@@ -297,18 +297,19 @@ class LiveText:
 
 def run_tool(
     options: dict[str, Any],
-    call: Callable[[Toolbox, LiveText | None], Awaitable[Result]],
+    call: Callable[[Toolbox, LiveText | None], Awaitable[ToolResult]],
     *,
     free_text: bool = False,
+    as_csv: bool = False,
 ) -> None:
     """Build the settings and toolbox, run one tool call, print its result (or raise a ClickException)."""
     from phi3v_tools.api import toolbox_from_settings
 
     as_json = options.pop("as_json")
     toolbox = toolbox_from_settings(build_settings(**options))
-    live = LiveText(to_stdout=free_text) if not as_json and is_terminal() else None
+    live = LiveText(to_stdout=free_text) if not (as_json or as_csv) and is_terminal() else None
 
-    async def call_once() -> Result:
+    async def call_once() -> ToolResult:
         return await call(toolbox, live)
 
     try:
@@ -322,66 +323,103 @@ def run_tool(
             live.end()
         raise
     if as_json:
-        click.echo(result.model_dump_json(indent=2))
+        click.echo(result.model_dump_json(indent=2))  # call.truncated says whether it was cut short
         return
     if live is not None:
         live.end()
-        if live.to_stdout and live.started:
-            return  # the answer is already on stdout
-    click.echo(result.to_text())
+    if as_csv and isinstance(result, Table):
+        click.echo(result.to_csv(), nl=False)
+    elif live is None or not (live.to_stdout and live.started):  # else the answer is already on stdout
+        click.echo(result.to_text())  # no handles: they live in this process only, of no use to a shell
+    if result.call.truncated:  # a note for the reader, outside the answer a script reads
+        click.echo(TRUNCATED_NOTE, err=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The tools
+# The tools: one command per entry of the tools' table
+
+COMMAND_NAMES = {
+    "describe_image": "describe",
+    "read_text": "read-text",
+    "read_table": "read-table",
+    "compare_images": "compare",
+    "ask_images": "ask",
+}
+FLAGS = {"question": ("-q", "--question"), "output_schema": ("--schema",)}  # spellings other than --<field>
 
 
-@main.command()
-@click.argument("image", type=IMAGE)
-@click.option("-q", "--question", help="Focus the description on this question.")
-@click.option("--detail", type=click.Choice(["brief", "normal", "detailed"]), default="normal", show_default=True)
-@tool_options
-def describe(image: ImageRef, question: str | None, detail: Detail, **options: Any) -> None:
-    """Describe IMAGE: what it shows, its kind, its main objects and any visible text."""
-    run_tool(options, lambda tools, live: tools.adescribe_image(image, question, detail, on_text=live))
+class SpecCommand(click.Command):
+    """A tool's command; its help shows the tool's description with the limits the environment sets
+    (``PHI3V_MAX_COMPARE``), read when the help is shown."""
+
+    def __init__(self, spec: ToolSpec, **kwargs: Any) -> None:
+        super().__init__(COMMAND_NAMES.get(spec.name, spec.name.replace("_", "-")), **kwargs)
+        self.spec_name = spec.name
+
+    def _spec(self) -> ToolSpec:
+        try:
+            return tool_spec(self.spec_name, build_settings().max_compare)
+        except click.ClickException:  # a malformed PHI3V_* variable: the command itself will say so
+            return tool_spec(self.spec_name)
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.help = self._spec().description
+        super().format_help_text(ctx, formatter)
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return self._spec().title
 
 
-@main.command("read-text")
-@click.argument("image", type=IMAGE)
-@click.option(
-    "--fields", metavar="NAME,NAME", callback=_split_fields, help="Also extract these fields, e.g. title,author."
-)
-@tool_options
-def read_text(image: ImageRef, fields: list[str] | None, **options: Any) -> None:
-    """Read the text in IMAGE (OCR), in reading order; with --fields, those values too."""
-    run_tool(options, lambda tools, live: tools.aread_text(image, fields, on_text=live))
+def _spec_params(spec: ToolSpec) -> list[click.Parameter]:
+    """One click parameter per field of the tool's arguments: images as arguments, the rest as options."""
+    params: list[click.Parameter] = []
+    for name, info in spec.args.model_fields.items():
+        kind, flags = info.annotation, FLAGS.get(name, (f"--{name.replace('_', '-')}",))
+        if name == "image":
+            params.append(click.Argument(["image"], type=IMAGE))
+        elif name == "images":
+            params.append(click.Argument(["images"], nargs=-1, required=True, type=IMAGE, metavar="IMAGE..."))
+        elif get_origin(kind) is Literal:
+            choice = click.Choice([str(v) for v in get_args(kind)])
+            params.append(click.Option([*flags, name], type=choice, default=info.default, show_default=True))
+        elif dict in (get_origin(a) or a for a in get_args(kind)):  # a JSON schema: a file or inline JSON
+            params.append(
+                click.Option([*flags, name], callback=_load_schema, metavar="FILE.json", help=info.description)
+            )
+        elif list in (get_origin(a) for a in get_args(kind)):  # names: comma-separated
+            params.append(
+                click.Option([*flags, name], metavar="NAME,NAME", callback=_split_fields, help=info.description)
+            )
+        else:
+            params.append(click.Option([*flags, name], required=info.is_required(), help=info.description))
+    return params
 
 
-@main.command()
-@click.argument("images", nargs=-1, required=True, type=IMAGE, metavar="IMAGE IMAGE...")
-@click.option("-q", "--question", help="What to compare, e.g. 'Which one is newer?'.")
-@tool_options
-def compare(images: tuple[ImageRef, ...], question: str | None, **options: Any) -> None:
-    """Compare 2 to 4 images: a summary, their similarities and their differences."""
-    run_tool(options, lambda tools, live: tools.acompare_images(list(images), question, on_text=live))
+def _spec_command(spec: ToolSpec) -> click.Command:
+    csv = hasattr(spec.result, "to_csv")
+
+    def callback(**values: Any) -> None:
+        options = {k: values.pop(k) for k in list(values) if k not in spec.args.model_fields}
+        as_csv = bool(options.pop("as_csv", False))
+        if "images" in values:
+            values["images"] = list(values["images"])
+        free_text = spec.result is Answer and values.get("output_schema") is None  # streams to stdout as it comes
+        run_tool(
+            options,
+            lambda tools, live: spec.acall(tools, values, live),
+            free_text=free_text,
+            as_csv=as_csv,
+        )
+
+    command = SpecCommand(spec, callback=callback, params=_spec_params(spec), context_settings=CONTEXT)
+    extra = [click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV.")] if csv else []
+    for option in (*_MODEL_OPTIONS, *_IMAGE_OPTIONS, _JSON_OPTION, *extra):
+        option(command)  # an option decorator applied to a Command appends its parameter, in this order
+    return command
 
 
-@main.command()
-@click.argument("images", nargs=-1, required=True, type=IMAGE, metavar="IMAGE...")
-@click.option("-q", "--question", required=True, help="The question about the images.")
-@click.option(
-    "--schema",
-    callback=_load_schema,
-    metavar="FILE.json",
-    help="A JSON schema (a file, or inline JSON) the answer must conform to.",
-)
-@tool_options
-def ask(images: tuple[ImageRef, ...], question: str, schema: dict[str, Any] | None, **options: Any) -> None:
-    """Ask any question about 1 to 4 images; with --schema the answer is JSON that conforms to it."""
-    run_tool(
-        options,
-        lambda tools, live: tools.aask_images(list(images), question, schema, on_text=live),
-        free_text=schema is None,
-    )
+for _spec in tool_specs():
+    main.add_command(_spec_command(_spec))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -456,7 +494,7 @@ def mcp(transport: str, **options: Any) -> None:
 @click.option("--num-crops", envvar="PHI3V_NUM_CROPS", type=int, default=None, help="Crops per image (1-16).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 def demo(model: str, device: str | None, num_crops: int | None, max_new_tokens: int) -> None:
-    """Run the seed notebook's three tasks (chart, book cover, two photos) through the model API."""
+    """Run the seed notebook's three tasks (chart, book cover, two photos) and a table through the model API."""
     settings = Settings.from_env(model=model, device=device, num_crops=num_crops)
     try:
         run_demo(settings, max_new_tokens)
@@ -465,7 +503,7 @@ def demo(model: str, device: str | None, num_crops: int | None, max_new_tokens: 
 
 
 def run_demo(settings: Settings, max_new_tokens: int) -> None:
-    from phi3v_tools.demo import SEED_TASKS
+    from phi3v_tools.demo import DEMO_TASKS
     from phi3v_tools.runner import load_pretrained
 
     started = time.perf_counter()
@@ -476,7 +514,7 @@ def run_demo(settings: Settings, max_new_tokens: int) -> None:
     )
     if settings.model == "tiny":
         click.echo("(the tiny model has random weights: expect random words; set PHI3V_MODEL for real answers)")
-    for task in SEED_TASKS:
+    for task in DEMO_TASKS:
         messages = [{"role": "user", "content": task.user_content}]
         prompt = processor.apply_chat_template(messages)
         inputs = processor(prompt, task.images(), return_tensors="pt").to(model.device)

@@ -1,15 +1,17 @@
-"""The seed notebook's three tasks, on pictures drawn here (the notebook's own pictures cannot be downloaded).
+"""The seed notebook's three tasks and a table, on pictures drawn here (the notebook's own pictures cannot be
+downloaded).
 
 A revenue bar chart ("introduce this stock"), a book cover (title and author), two similar scenes (what
-differs), and a scanned text page for OCR. All are drawn in this module with Pillow's default font. With the
-tiny random checkpoint the answers are random words: the point is that the whole path runs; set
-``PHI3V_MODEL`` to the real checkpoint for real answers.
+differs), a scanned text page for OCR, and a sales table (its cells are ``SALES_TABLE``). All are drawn in
+this module with Pillow's default font. With the tiny random checkpoint the answers are random words: the
+point is that the whole path runs; set ``PHI3V_MODEL`` to the real checkpoint for real answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
 from PIL import Image, ImageDraw
 
@@ -78,6 +80,61 @@ def text_page() -> Image.Image:
     return scanned.rotate(0.8, resample=Image.Resampling.BICUBIC, fillcolor=242).convert("RGB")
 
 
+class TableData(TypedDict):
+    """A table as drawn: its title, a units note, the column headers and the rows (one value per column)."""
+
+    title: str
+    units: str
+    columns: list[str]
+    rows: list[list[str | int | float]]
+
+
+SALES_TABLE: TableData = {
+    "title": "Quarterly sales by region",
+    "units": "(thousand units)",
+    "columns": ["Region", "Q1", "Q2", "Q3"],
+    "rows": [
+        ["North", 120, 135, 150],
+        ["South", 95, 110, 102],
+        ["East", 143, 128, 160],
+        ["West", 88, 97, 115],
+        ["Central", 64, 72, 81],
+    ],
+}
+
+
+def sales_table() -> Image.Image:
+    """``SALES_TABLE`` drawn as a gridded table (640 x 380): title, units note, a shaded header row, five rows.
+
+    The first column is left-aligned, the numbers are centred in their cells.
+    """
+    table = SALES_TABLE
+    img = Image.new("RGB", (640, 380), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((40, 24), table["title"], fill="black")
+    draw.text((40, 46), table["units"], fill=(90, 90, 90))
+    widths = [200] + [120] * (len(table["columns"]) - 1)
+    edges = [40]
+    for width in widths:
+        edges.append(edges[-1] + width)
+    top, row_height = 80, 44
+    cells: list[list[str]] = [table["columns"], *([str(v) for v in row] for row in table["rows"])]
+    bottom = top + row_height * len(cells)
+    draw.rectangle((edges[0], top, edges[-1], top + row_height), fill=(225, 230, 240))
+    for r, row in enumerate(cells):
+        y = top + r * row_height + (row_height - 12) // 2
+        for c, text in enumerate(row):
+            left, right = edges[c], edges[c + 1]
+            x = left + 12 if c == 0 else (left + right - draw.textlength(text)) / 2
+            draw.text((x, y), text, fill="black")
+    for r in range(len(cells) + 1):
+        y = top + r * row_height
+        draw.line((edges[0], y, edges[-1], y), fill="black", width=2 if r in (0, 1, len(cells)) else 1)
+    for c, x in enumerate(edges):
+        draw.line((x, top, x, bottom), fill="black", width=2 if c in (0, len(edges) - 1) else 1)
+    return img
+
+
 @dataclass(frozen=True)
 class SeedTask:
     name: str
@@ -94,4 +151,10 @@ SEED_TASKS = (
     SeedTask("stock chart", "Could you please introduce this stock to me?", lambda: [revenue_chart()]),
     SeedTask("book cover", "What is the title of this book, and who is its author?", lambda: [book_cover()]),
     SeedTask("two photos", "What is the difference between these two images?", lambda: [scene(False), scene(True)]),
+)
+
+# The demo adds a table, asked in the words of Phi-3-vision's own sample (sample_inference.py on the model card).
+DEMO_TASKS = (
+    *SEED_TASKS,
+    SeedTask("sales table", "Can you convert the table to markdown format?", lambda: [sales_table()]),
 )

@@ -1,6 +1,7 @@
-"""Phi-3-vision as LangChain tools: ``describe_image``, ``read_text``, ``compare_images``, ``ask_images``.
+"""Phi-3-vision as LangChain tools: describe_image, read_text, read_table, compare_images and ask_images.
 
-Each tool is a thin :class:`~langchain_core.tools.BaseTool` over one :class:`~phi3v_tools.tools.Toolbox` method.
+Each tool is a thin :class:`~langchain_core.tools.BaseTool` over one entry of the tools' table
+(:func:`phi3v_tools.tools.tool_specs`): its name, description, arguments and result text come from there.
 The model sees concise text (the result plus the images' handles, so a later call can say
 ``image://sha256/...`` instead of sending an image again); the full pydantic result (fields, handles, token
 usage, timings) rides along as the ``ToolMessage`` artifact, which is not sent to the model. Expected failures
@@ -24,8 +25,8 @@ Instantiation:
         from phi3v_tools.settings import Settings
 
         tools = Phi3VisionToolkit(settings=Settings.from_env()).get_tools()  # no model loads yet
-        # or one tool: DescribeImageTool(toolbox=my_toolbox); without a toolbox, the tools use
-        # phi3v_tools.api.default_toolbox() on first use.
+        # or one tool: DescribeImageTool(toolbox=my_toolbox); without a toolbox, a tool uses
+        # phi3v_tools.api.default_toolbox() (the model loads on the first call).
 
 Invocation with args:
     .. code-block:: python
@@ -49,12 +50,11 @@ Invocation with ToolCall:
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, InstanceOf, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, InstanceOf, ValidationError, model_validator
 
 from phi3v_tools import api
 from phi3v_tools.errors import (
@@ -69,7 +69,18 @@ from phi3v_tools.errors import (
     RequestTimeoutError,
 )
 from phi3v_tools.settings import Settings
-from phi3v_tools.tools import Answer, Detail, ImageComparison, ImageDescription, TextReading, Toolbox
+from phi3v_tools.tools import (
+    AskImagesArgs,
+    CompareImagesArgs,
+    DescribeImageArgs,
+    ReadTableArgs,
+    ReadTextArgs,
+    ToolArgs,
+    Toolbox,
+    result_text,
+    tool_spec,
+    tool_specs,
+)
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
@@ -87,100 +98,21 @@ __all__ = [
     "DescribeImageInput",
     "DescribeImageTool",
     "Phi3VisionToolkit",
+    "ReadTableInput",
+    "ReadTableTool",
     "ReadTextInput",
     "ReadTextTool",
     "explain_validation_error",
     "result_text",
 ]
 
-Result = ImageDescription | TextReading | ImageComparison | Answer
-
-IMAGE_REF = "Path, http(s) URL, data: URI, base64, or an image://sha256/... handle from an earlier result."
-IMAGES_REF = (
-    "images, in order; each a path, http(s) URL, data: URI, base64, or an image://sha256/... handle from an "
-    "earlier result."
-)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Inputs: the field descriptions (not the docstrings) are what the model sees.
-
-
-class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DescribeImageInput(_Input):
-    """Arguments of ``describe_image``."""
-
-    image: str = Field(min_length=1, description=IMAGE_REF)
-    question: str | None = Field(
-        default=None, description="Optional: what to focus on, e.g. 'What is the person holding?'."
-    )
-    detail: Detail = Field(
-        default="normal",
-        description="How long the description is: brief (one or two sentences), normal (a short paragraph) "
-        "or detailed.",
-    )
-
-
-class ReadTextInput(_Input):
-    """Arguments of ``read_text``."""
-
-    image: str = Field(min_length=1, description=IMAGE_REF)
-    fields: list[str] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=20,
-        description="Optional names of values to extract besides the full text, e.g. ['title', 'author'] or "
-        "['date', 'total']; each comes back with the value read, or as not found.",
-    )
-
-    @field_validator("fields", mode="before")
-    @classmethod
-    def _split_names(cls, value: Any) -> Any:
-        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
-
-
-class CompareImagesInput(_Input):
-    """Arguments of ``compare_images``."""
-
-    images: list[str] = Field(min_length=2, max_length=4, description="2 to 4 " + IMAGES_REF)
-    question: str | None = Field(
-        default=None, description="Optional: what to compare, e.g. 'What changed between the two?'."
-    )
-
-
-class AskImagesInput(_Input):
-    """Arguments of ``ask_images``."""
-
-    images: list[str] = Field(min_length=1, max_length=4, description="1 to 4 " + IMAGES_REF)
-    question: str = Field(min_length=1, description="The question about the images.")
-    output_schema: dict[str, Any] | None = Field(
-        default=None,
-        description="Optional JSON schema the answer must conform to, e.g. {'type': 'object', 'properties': "
-        "{'count': {'type': 'integer'}}, 'required': ['count']}. Omit it for a free-text answer.",
-    )
-
-    @field_validator("images", mode="before")
-    @classmethod
-    def _one_image(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("output_schema", mode="before")
-    @classmethod
-    def _schema_text(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError:
-                raise ValueError("output_schema must be a JSON object (a JSON schema), not free text") from None
-        return value
-
-
-_INPUTS: dict[str, type[_Input]] = {
-    model.__name__: model for model in (DescribeImageInput, ReadTextInput, CompareImagesInput, AskImagesInput)
-}
+# The arguments models live in the tools' table (phi3v_tools.tools); these names are kept for imports.
+DescribeImageInput = DescribeImageArgs
+ReadTextInput = ReadTextArgs
+ReadTableInput = ReadTableArgs
+CompareImagesInput = CompareImagesArgs
+AskImagesInput = AskImagesArgs
+_INPUTS: dict[str, type[ToolArgs]] = {spec.args.__name__: spec.args for spec in tool_specs()}
 
 
 def explain_validation_error(error: ValidationError | ValidationErrorV1) -> str:
@@ -210,18 +142,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Results and errors
-
-
-def result_text(result: Result) -> str:
-    """What the model sees: the result's concise text, then the images' handles for later calls."""
-    lines = [result.to_text()]
-    if result.call.truncated:
-        lines.append("(The answer reached its length limit and was cut short.)")
-    handles = "; ".join(f"{image.handle} ({image.width}x{image.height})" for image in result.images)
-    label = "Image handle" if len(result.images) == 1 else "Image handles, in order,"
-    lines.append(f"{label} for later calls: {handles}")
-    return "\n".join(lines)
+# Errors
 
 
 def _hint(error: Phi3VToolsError) -> str:
@@ -245,11 +166,15 @@ def _hint(error: Phi3VToolsError) -> str:
 
 
 class _Phi3VisionTool(BaseTool):
-    """What the four tools share: the toolbox, the result format and the error handling."""
+    """What the tools share: the toolbox, the spec they come from, the result format and the error handling.
+
+    A subclass names its tool; its description and arguments come from the tools' table
+    (:func:`phi3v_tools.tools.tool_specs`), with the toolbox's limits (``max_compare``).
+    """
 
     toolbox: InstanceOf[Toolbox] | None = Field(default=None, exclude=True)
-    """The tools' core. ``None``: :func:`phi3v_tools.api.default_toolbox`, resolved on first use (so
-    constructing a tool never loads a model)."""
+    """The tools' core. ``None``: :func:`phi3v_tools.api.default_toolbox` (built from ``PHI3V_*`` when the tool
+    is; the model still loads on the first call)."""
 
     response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
     """Content: concise text with image handles. Artifact: the pydantic result model (not sent to the model)."""
@@ -262,20 +187,43 @@ class _Phi3VisionTool(BaseTool):
     )
     """Invalid arguments come back to the model with which argument is wrong and what it expects."""
 
-    def _resolve_toolbox(self) -> Toolbox:
-        if self.toolbox is None:
+    @model_validator(mode="after")
+    def _from_spec(self) -> _Phi3VisionTool:
+        """The description and the arguments (with the toolbox's limits) from the table, unless given."""
+        spec = tool_spec(self.name, self._max_compare())
+        if "description" not in self.model_fields_set:
+            self.description = spec.model_description
+        if "args_schema" not in self.model_fields_set:
+            self.args_schema = spec.args
+        return self
+
+    def _max_compare(self) -> int:
+        # Without a toolbox, the limit the default toolbox will have, read without building it.
+        return self.toolbox.max_compare if self.toolbox is not None else api.default_settings().max_compare
+
+    def _toolbox(self) -> Toolbox:
+        if self.toolbox is None:  # the first call: the default toolbox (its model loads when it first generates)
             self.toolbox = api.default_toolbox()
         return self.toolbox
 
-    async def _aresolve_toolbox(self) -> Toolbox:
-        """The toolbox with its backend ready; a first-use model load runs in a thread, not on the loop."""
+    def _run(self, *, run_manager: CallbackManagerForToolRun | None = None, **arguments: Any) -> tuple[str, Any]:
+        toolbox = self._toolbox()
+        with self._errors():
+            result = tool_spec(self.name, toolbox.max_compare).call(toolbox, arguments)
+        return result_text(result), result
 
-        def ready() -> Toolbox:
-            toolbox = self._resolve_toolbox()
-            _ = toolbox.backend
-            return toolbox
+    async def _arun(
+        self, *, run_manager: AsyncCallbackManagerForToolRun | None = None, **arguments: Any
+    ) -> tuple[str, Any]:
+        with self._errors():
+            toolbox = await asyncio.to_thread(self._ready)  # a first-use model load runs in a thread, not on the loop
+            result = await tool_spec(self.name, toolbox.max_compare).acall(toolbox, arguments)
+        return result_text(result), result
 
-        return await asyncio.to_thread(ready)
+    def _ready(self) -> Toolbox:
+        toolbox = self._toolbox()
+        _ = toolbox.backend
+        return toolbox
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -291,6 +239,9 @@ class _Phi3VisionTool(BaseTool):
                 f"{self.name} failed: the vision model's answer did not fit the result format "
                 f"({exc.error_count()} problems). Try again, perhaps with a simpler question."
             ) from exc
+
+
+_SPECS = {spec.name: spec for spec in tool_specs()}  # the defaults the classes show before a toolbox is known
 
 
 class DescribeImageTool(_Phi3VisionTool):
@@ -317,41 +268,8 @@ class DescribeImageTool(_Phi3VisionTool):
     """
 
     name: str = "describe_image"
-    """The tool name the model calls."""
-
-    description: str = (
-        "Look at one image and say what it shows: a description, the main objects, the kind of image (photo, "
-        "chart, document, screenshot, diagram, illustration) and any visible text. Use it to find out what is "
-        "in a picture; pass a question to focus the description. For exact text use read_text. The result ends "
-        "with the image's handle (image://sha256/...): pass it instead of the image in later calls."
-    )
-    """Tells the model what the tool does and when to use it."""
-
-    args_schema: ArgsSchema | None = DescribeImageInput
-    """The arguments the model fills in."""
-
-    def _run(
-        self,
-        image: str,
-        question: str | None = None,
-        detail: Detail = "normal",
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, ImageDescription]:
-        with self._errors():
-            result = self._resolve_toolbox().describe_image(image, question, detail)
-        return result_text(result), result
-
-    async def _arun(
-        self,
-        image: str,
-        question: str | None = None,
-        detail: Detail = "normal",
-        run_manager: AsyncCallbackManagerForToolRun | None = None,
-    ) -> tuple[str, ImageDescription]:
-        with self._errors():
-            toolbox = await self._aresolve_toolbox()
-            result = await toolbox.adescribe_image(image, question, detail)
-        return result_text(result), result
+    description: str = _SPECS[name].model_description
+    args_schema: ArgsSchema | None = _SPECS[name].args
 
 
 class ReadTextTool(_Phi3VisionTool):
@@ -378,43 +296,40 @@ class ReadTextTool(_Phi3VisionTool):
     """
 
     name: str = "read_text"
-    """The tool name the model calls."""
+    description: str = _SPECS[name].model_description
+    args_schema: ArgsSchema | None = _SPECS[name].args
 
-    description: str = (
-        "Read the text in one image (OCR): documents, screenshots, receipts, signs, slides, book covers. Returns "
-        "the text in reading order; with fields (e.g. ['title', 'author']) it also extracts those values, saying "
-        "which were not found. Use it instead of describe_image when you need the exact words. The result ends "
-        "with the image's handle (image://sha256/...): pass it instead of the image in later calls."
-    )
-    """Tells the model what the tool does and when to use it."""
 
-    args_schema: ArgsSchema | None = ReadTextInput
-    """The arguments the model fills in."""
+class ReadTableTool(_Phi3VisionTool):
+    """Phi-3-vision ``read_table``: a table, chart or form in one image as columns and rows.
 
-    def _run(
-        self,
-        image: str,
-        fields: list[str] | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, TextReading]:
-        with self._errors():
-            result = self._resolve_toolbox().read_text(image, fields)
-        return result_text(result), result
+    Setup:
+        ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
 
-    async def _arun(
-        self,
-        image: str,
-        fields: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForToolRun | None = None,
-    ) -> tuple[str, TextReading]:
-        with self._errors():
-            toolbox = await self._aresolve_toolbox()
-            result = await toolbox.aread_text(image, fields)
-        return result_text(result), result
+    Instantiation:
+        .. code-block:: python
+
+            tool = ReadTableTool()  # or ReadTableTool(toolbox=my_toolbox)
+
+    Invocation with args:
+        .. code-block:: python
+
+            tool.invoke({"image": "sales.png", "columns": ["Region", "Q1"]})
+
+    Invocation with ToolCall:
+        .. code-block:: python
+
+            message = tool.invoke({"type": "tool_call", "id": "1", "name": "read_table", "args": {...}})
+            message.artifact  # Table: columns, rows, title, units, summary, images, call; .to_csv()
+    """
+
+    name: str = "read_table"
+    description: str = _SPECS[name].model_description
+    args_schema: ArgsSchema | None = _SPECS[name].args
 
 
 class CompareImagesTool(_Phi3VisionTool):
-    """Phi-3-vision ``compare_images``: how 2 to 4 images relate.
+    """Phi-3-vision ``compare_images``: how 2 to ``max_compare`` (4 by default) images relate.
 
     Setup:
         ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
@@ -437,43 +352,12 @@ class CompareImagesTool(_Phi3VisionTool):
     """
 
     name: str = "compare_images"
-    """The tool name the model calls."""
-
-    description: str = (
-        "Compare 2 to 4 images: a summary of how they relate, what they have in common and how they differ "
-        "(spot the difference, before and after, versions of a chart or page). Images already seen can be given "
-        "by their image://sha256/... handles, which is faster than sending them again. The result ends with the "
-        "images' handles."
-    )
-    """Tells the model what the tool does and when to use it."""
-
-    args_schema: ArgsSchema | None = CompareImagesInput
-    """The arguments the model fills in."""
-
-    def _run(
-        self,
-        images: list[str],
-        question: str | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, ImageComparison]:
-        with self._errors():
-            result = self._resolve_toolbox().compare_images(images, question)
-        return result_text(result), result
-
-    async def _arun(
-        self,
-        images: list[str],
-        question: str | None = None,
-        run_manager: AsyncCallbackManagerForToolRun | None = None,
-    ) -> tuple[str, ImageComparison]:
-        with self._errors():
-            toolbox = await self._aresolve_toolbox()
-            result = await toolbox.acompare_images(images, question)
-        return result_text(result), result
+    description: str = _SPECS[name].model_description
+    args_schema: ArgsSchema | None = _SPECS[name].args
 
 
 class AskImagesTool(_Phi3VisionTool):
-    """Phi-3-vision ``ask_images``: any question about 1 to 4 images, optionally answered as JSON.
+    """Phi-3-vision ``ask_images``: any question about 1 to ``max_compare`` images, optionally answered as JSON.
 
     Setup:
         ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
@@ -502,41 +386,14 @@ class AskImagesTool(_Phi3VisionTool):
     """
 
     name: str = "ask_images"
-    """The tool name the model calls."""
+    description: str = _SPECS[name].model_description
+    args_schema: ArgsSchema | None = _SPECS[name].args
 
-    description: str = (
-        "Ask any question about 1 to 4 images and get a free-text answer, or, with output_schema (a JSON "
-        "schema), a JSON value that conforms to it. Use it when describe_image, read_text and compare_images do "
-        "not fit: counting, yes/no checks, reading a chart's values, extracting structured data. The result ends "
-        "with the images' handles (image://sha256/...): pass them instead of the images in later calls."
-    )
-    """Tells the model what the tool does and when to use it."""
 
-    args_schema: ArgsSchema | None = AskImagesInput
-    """The arguments the model fills in."""
-
-    def _run(
-        self,
-        images: list[str],
-        question: str,
-        output_schema: dict[str, Any] | None = None,
-        run_manager: CallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Answer]:
-        with self._errors():
-            result = self._resolve_toolbox().ask_images(images, question, output_schema)
-        return result_text(result), result
-
-    async def _arun(
-        self,
-        images: list[str],
-        question: str,
-        output_schema: dict[str, Any] | None = None,
-        run_manager: AsyncCallbackManagerForToolRun | None = None,
-    ) -> tuple[str, Answer]:
-        with self._errors():
-            toolbox = await self._aresolve_toolbox()
-            result = await toolbox.aask_images(images, question, output_schema)
-        return result_text(result), result
+TOOL_CLASSES: dict[str, Callable[..., BaseTool]] = {
+    cls.model_fields["name"].default: cls
+    for cls in (DescribeImageTool, ReadTextTool, ReadTableTool, CompareImagesTool, AskImagesTool)
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -544,7 +401,7 @@ class AskImagesTool(_Phi3VisionTool):
 
 
 class Phi3VisionToolkit(BaseToolkit):
-    """The four Phi-3-vision tools over one shared toolbox (one model, one store of image handles).
+    """The Phi-3-vision tools over one shared toolbox (one model, one store of image handles).
 
     Setup:
         ``pip install 'phi3v-tools[langchain]'``.
@@ -586,6 +443,7 @@ class Phi3VisionToolkit(BaseToolkit):
         return self
 
     def get_tools(self) -> list[BaseTool]:
-        """``describe_image``, ``read_text``, ``compare_images`` and ``ask_images``, sharing one toolbox."""
-        classes = (DescribeImageTool, ReadTextTool, CompareImagesTool, AskImagesTool)
-        return [cls(toolbox=self.toolbox) for cls in classes]
+        """The tools of the table (``describe_image``, ``read_text``, ``read_table``, ``compare_images``,
+        ``ask_images``), sharing one toolbox."""
+        most = self.toolbox.max_compare if self.toolbox is not None else api.default_settings().max_compare
+        return [TOOL_CLASSES[spec.name](toolbox=self.toolbox) for spec in tool_specs(most)]

@@ -15,6 +15,7 @@ from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor, make_tiny_checkp
 from phi3v_tools.runner import Runner
 from phi3v_tools.settings import Settings
 from phi3v_tools.tools import Toolbox
+from tests.fakes import FakeBackend
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("PHI3V_REFERENCE_DIR", REPO.parent / "shared" / "phi3v-reference"))
@@ -50,8 +51,8 @@ def tiny_runner(tiny_model: Phi3VForCausalLM, tiny_processor: Phi3VProcessor, ti
 
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The demo pictures as files in one directory: chart.png, cover.png, scene_a.png, scene_b.png."""
-    from phi3v_tools.demo import book_cover, revenue_chart, scene
+    """The demo pictures as files in one directory: chart.png, cover.png, scene_a.png, scene_b.png, table.png."""
+    from phi3v_tools.demo import book_cover, revenue_chart, sales_table, scene
 
     folder = tmp_path_factory.mktemp("images")
     paths = {
@@ -59,12 +60,26 @@ def sample_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "cover": folder / "cover.png",
         "scene_a": folder / "scene_a.png",
         "scene_b": folder / "scene_b.png",
+        "table": folder / "table.png",
     }
     revenue_chart().save(paths["chart"])
     book_cover().save(paths["cover"])
     scene(False).save(paths["scene_a"])
     scene(True).save(paths["scene_b"])
+    sales_table().save(paths["table"])
     return paths
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    """A backend that answers at once with the smallest schema-valid value (or its queued ``answers``)."""
+    return FakeBackend()
+
+
+@pytest.fixture
+def toolbox(fake: FakeBackend, sample_images: dict[str, Path]) -> Toolbox:
+    """The tools over ``fake``; local paths are allowed under the sample images' folder."""
+    return Toolbox(fake, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
 
 
 @pytest.fixture(scope="session")

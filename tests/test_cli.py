@@ -6,6 +6,8 @@ a subprocess runs where a real terminal or stdin matters, and for the example sc
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pty
@@ -25,7 +27,7 @@ import phi3v_tools.cli
 from phi3v_tools import runner as runner_module
 from phi3v_tools.images import ImagePolicy, load_image
 from phi3v_tools.settings import Settings
-from phi3v_tools.tools import Answer, ImageComparison, ImageDescription, TextReading
+from phi3v_tools.tools import Answer, ImageComparison, ImageDescription, Table, TextReading
 
 REPO = Path(__file__).resolve().parent.parent
 PLAYERS = '{"type": "object", "properties": {"players": {"type": "integer"}}, "required": ["players"]}'
@@ -95,10 +97,11 @@ def _failed(result: Result, code: int) -> str:
     [
         (["describe", "{chart}", "--detail", "brief", "-q", STOCK], ImageDescription),
         (["read-text", "{cover}", "--fields", "title,author"], TextReading),
+        (["read-table", "{table}", "--columns", "Region,Q1"], Table),
         (["compare", "{scene_a}", "{scene_b}"], ImageComparison),
         (["ask", "{scene_a}", "-q", "How many players are there?", "--schema", "PLAYERS"], Answer),
     ],
-    ids=["describe", "read-text", "compare", "ask"],
+    ids=["describe", "read-text", "read-table", "compare", "ask"],
 )
 def test_each_tool_prints_text_and_with_json_its_result_model(
     cli: Callable[..., Result], sample_images: dict[str, Path], args: list[str], model: type[BaseModel]
@@ -110,8 +113,22 @@ def test_each_tool_prints_text_and_with_json_its_result_model(
     assert len(result.images) == (2 if args[0] == "compare" else 1)  # type: ignore[attr-defined]
     if isinstance(result, TextReading):
         assert result.fields is not None and set(result.fields) == {"title", "author"}
+    if isinstance(result, Table):
+        assert result.columns == ["Region", "Q1"] and all(len(row) == 2 for row in result.rows)
     if isinstance(result, Answer):
         assert isinstance(result.answer, dict) and isinstance(result.answer["players"], int)
+
+
+def test_read_table_csv_prints_the_header_then_one_line_per_row(
+    cli: Callable[..., Result], sample_images: dict[str, Path]
+) -> None:
+    table = str(sample_images["table"])
+    printed = _ok(cli("read-table", table, "--columns", "Region, Q1 ,Q2", "--csv"))
+    result = Table.model_validate_json(_ok(cli("read-table", table, "--columns", "Region,Q1,Q2", "--json")))
+    assert printed == result.to_csv()  # greedy: the same table
+    rows = list(csv.reader(io.StringIO(printed)))
+    assert rows[0] == ["Region", "Q1", "Q2"]
+    assert len(rows) == 1 + len(result.rows) and all(len(row) == 3 for row in rows)
 
 
 def test_on_a_terminal_free_text_streams_to_stdout_as_it_is_generated(
@@ -321,12 +338,12 @@ def examples(
     return runs
 
 
-def test_the_seed_tools_example_runs_the_three_tasks(
+def test_the_seed_tools_example_runs_the_three_tasks_and_the_table(
     examples: dict[str, tuple[subprocess.CompletedProcess[str], Path]], tiny_dir: Path
 ) -> None:
     run, _ = examples["seed_tools"]
     assert run.returncode == 0, run.stderr
-    for heading in ("## stock chart", "## book cover", "## two photos"):
+    for heading in ("## stock chart", "## book cover", "## two photos", "## sales table\nRegion,Q1,Q2\n"):
         assert heading in run.stdout
     assert "title: " in run.stdout and "author: " in run.stdout
     assert f"(model {tiny_dir};" in run.stdout

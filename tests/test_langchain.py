@@ -35,17 +35,19 @@ from phi3v_tools.langchain import (
     CompareImagesTool,
     DescribeImageTool,
     Phi3VisionToolkit,
+    ReadTableTool,
     ReadTextTool,
     result_text,
 )
 from phi3v_tools.runner import GenerationRequest, GenerationResult
 from phi3v_tools.settings import Settings
-from phi3v_tools.tools import Answer, ImageComparison, ImageDescription, TextReading, Toolbox
+from phi3v_tools.tools import IMAGE_REF, ImageComparison, ImageDescription, Table, TextReading, Toolbox, tool_specs
 from tests.conftest import REPO
 from tests.fakes import FakeBackend
 
 HANDLE = re.compile(r"image://sha256/[0-9a-f]{64}")
-TOOLS = (DescribeImageTool, ReadTextTool, CompareImagesTool, AskImagesTool)
+TOOLS = (DescribeImageTool, ReadTextTool, ReadTableTool, CompareImagesTool, AskImagesTool)  # the table's order
+NAMES = [spec.name for spec in tool_specs()]
 
 
 def examples(images: dict[str, Path]) -> dict[str, dict[str, Any]]:
@@ -53,6 +55,7 @@ def examples(images: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return {
         "describe_image": {"image": str(images["scene_a"]), "question": "Who is on the pitch?", "detail": "brief"},
         "read_text": {"image": str(images["cover"]), "fields": ["title", "author"]},
+        "read_table": {"image": str(images["table"]), "columns": ["Region", "Q1"]},
         "compare_images": {"images": [str(images["scene_a"]), str(images["scene_b"])]},
         "ask_images": {
             "images": [str(images["chart"])],
@@ -62,8 +65,7 @@ def examples(images: dict[str, Path]) -> dict[str, dict[str, Any]]:
     }
 
 
-RESULTS = {"describe_image": ImageDescription, "read_text": TextReading, "compare_images": ImageComparison}
-RESULTS["ask_images"] = Answer
+RESULTS = {spec.name: spec.result for spec in tool_specs()}
 
 
 def tool_call(name: str, args: dict[str, Any], call_id: str = "call-1") -> ToolCall:
@@ -128,6 +130,10 @@ class _Read(_Standard):
     tool_class = ReadTextTool
 
 
+class _Table(_Standard):
+    tool_class = ReadTableTool
+
+
 class _Compare(_Standard):
     tool_class = CompareImagesTool
 
@@ -141,6 +147,10 @@ class TestDescribeImageToolUnit(_Describe, ToolsUnitTests):
 
 
 class TestReadTextToolUnit(_Read, ToolsUnitTests):
+    pass
+
+
+class TestReadTableToolUnit(_Table, ToolsUnitTests):
     pass
 
 
@@ -158,6 +168,11 @@ class TestDescribeImageToolIntegration(_Describe, ToolsIntegrationTests):
 
 
 class TestReadTextToolIntegration(_Read, ToolsIntegrationTests):
+    pytestmark = ASYNC_SUITE
+    toolbox_fixture = "tiny_toolbox"
+
+
+class TestReadTableToolIntegration(_Table, ToolsIntegrationTests):
     pytestmark = ASYNC_SUITE
     toolbox_fixture = "tiny_toolbox"
 
@@ -213,12 +228,14 @@ def test_a_handle_from_one_result_works_as_the_image_of_the_next_call(
 
 def test_the_schema_the_model_sees() -> None:
     functions = {tool.name: convert_to_openai_tool(tool)["function"] for tool in Phi3VisionToolkit().get_tools()}
-    assert set(functions) == {"describe_image", "read_text", "compare_images", "ask_images"}
+    assert list(functions) == NAMES
     for function in functions.values():
         assert "image://sha256/" in function["description"]  # results carry handles for chaining
     describe = functions["describe_image"]["parameters"]["properties"]
     assert describe["detail"]["enum"] == ["brief", "normal", "detailed"]
-    assert describe["image"]["description"].startswith("Path, http(s) URL, data: URI, base64, or an image://sha256/")
+    assert describe["image"]["description"] == IMAGE_REF
+    columns = functions["read_table"]["parameters"]["properties"]["columns"]
+    assert columns["anyOf"][0]["maxItems"] == 30
     compare = functions["compare_images"]["parameters"]["properties"]["images"]
     assert (compare["minItems"], compare["maxItems"]) == (2, 4)
     read = functions["read_text"]["parameters"]["properties"]["fields"]
@@ -226,6 +243,22 @@ def test_the_schema_the_model_sees() -> None:
     ask = functions["ask_images"]["parameters"]
     assert ask["required"] == ["images", "question"]
     assert "JSON schema" in ask["properties"]["output_schema"]["description"]
+
+
+def test_read_table_gives_a_markdown_table_as_content_and_the_table_as_artifact(
+    fake_toolbox: Toolbox, sample_images: dict[str, Path]
+) -> None:
+    fake_toolbox.backend.answers.append(  # type: ignore[attr-defined]
+        {"title": "Sales", "rows": [["North", 120, 135]], "units": None, "summary": "Two quarters."}
+    )
+    message = ReadTableTool(toolbox=fake_toolbox).invoke(
+        tool_call("read_table", {"image": str(sample_images["table"]), "columns": "Region, Q1"})
+    )
+    assert message.status == "success"
+    table = message.artifact
+    assert isinstance(table, Table) and table.columns == ["Region", "Q1"] and table.rows == [["North", 120]]
+    assert "| Region | Q1 |\n|---|---|\n| North | 120 |" in message.content
+    assert table.to_csv() == "Region,Q1\nNorth,120\n"
 
 
 def test_the_toolbox_is_not_serialized(fake_toolbox: Toolbox) -> None:
@@ -253,8 +286,8 @@ def test_ainvoke_awaits_the_async_toolbox_method(sample_images: dict[str, Path])
         return list(await asyncio.gather(*(tool.ainvoke(call) for tool, call in zip(tools, calls, strict=True))))
 
     messages = asyncio.run(together())
-    assert [m.status for m in messages] == ["success"] * 4
-    assert len(backend.requests) == 4
+    assert [m.status for m in messages] == ["success"] * len(TOOLS)
+    assert len(backend.requests) == len(TOOLS)
 
 
 def test_ainvoke_does_not_block_the_event_loop(tiny_toolbox: Toolbox, sample_images: dict[str, Path]) -> None:
@@ -391,9 +424,9 @@ def test_forgiving_argument_shapes(fake_toolbox: Toolbox, sample_images: dict[st
 # The toolkit, and nothing loads until a tool runs
 
 
-def test_the_toolkit_gives_four_tools_sharing_one_toolbox(fake_toolbox: Toolbox) -> None:
+def test_the_toolkit_gives_the_five_tools_of_the_table_sharing_one_toolbox(fake_toolbox: Toolbox) -> None:
     tools = Phi3VisionToolkit(fake_toolbox).get_tools()
-    assert [tool.name for tool in tools] == ["describe_image", "read_text", "compare_images", "ask_images"]
+    assert [tool.name for tool in tools] == NAMES == [cls.model_fields["name"].default for cls in TOOLS]
     assert all(tool.toolbox is fake_toolbox for tool in tools)  # type: ignore[attr-defined]
     assert all(tool.response_format == "content_and_artifact" for tool in tools)
 
@@ -510,7 +543,7 @@ def test_an_agent_chains_read_text_and_compare_images_through_a_handle(
     state = {"messages": [HumanMessage("Read the cover, then compare it with the scene.")]}
     out = agent.invoke(state) if mode == "invoke" else asyncio.run(agent.ainvoke(state))
 
-    assert model.bound == ["describe_image", "read_text", "compare_images", "ask_images"]
+    assert model.bound == NAMES
     messages = out["messages"]
     assert [type(m).__name__ for m in messages] == [
         "HumanMessage",

@@ -23,18 +23,13 @@ from pydantic import BaseModel
 
 from phi3v_tools.runner import Runner
 from phi3v_tools.settings import Settings
-from phi3v_tools.tools import Answer, ImageComparison, ImageDescription, TextReading, Toolbox
+from phi3v_tools.tools import Answer, ImageDescription, Table, Toolbox, tool_specs
 from tests.mcp_http import http_client, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = {
-    "describe_image": ImageDescription,
-    "read_text": TextReading,
-    "compare_images": ImageComparison,
-    "ask_images": Answer,
-}
+TOOLS = {spec.name: spec.result for spec in tool_specs()}
 COUNT_SCHEMA = {"type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"]}
 
 
@@ -57,6 +52,7 @@ def arguments(tool: str, images: dict[str, Path]) -> dict[str, Any]:
     return {
         "describe_image": {"image": chart, "detail": "brief"},
         "read_text": {"image": str(images["cover"]), "fields": ["title", "author"]},
+        "read_table": {"image": str(images["table"]), "columns": ["Region", "Q1", "Q2"]},
         "compare_images": {"images": [a, b], "question": "What differs?"},
         "ask_images": {"images": [chart], "question": "How many bars?", "output_schema": COUNT_SCHEMA},
     }[tool]
@@ -67,7 +63,7 @@ def arguments(tool: str, images: dict[str, Path]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("allow_urls", [False, True])
-async def test_list_tools_shows_four_read_only_tools_with_schemas_and_open_world_following_allow_urls(
+async def test_list_tools_shows_the_five_read_only_tools_with_schemas_and_open_world_following_allow_urls(
     settings: Settings, tiny_toolbox: Toolbox, allow_urls: bool
 ) -> None:
     server = create_server(replace(settings, allow_urls=allow_urls), tiny_toolbox)
@@ -76,7 +72,7 @@ async def test_list_tools_shows_four_read_only_tools_with_schemas_and_open_world
         assert client.server_info is not None and client.server_info.name == "phi3v-tools"
         assert client.instructions and "image://sha256/" in client.instructions
     tools = {tool.name: tool for tool in listed.tools}
-    assert set(tools) == set(TOOLS)
+    assert list(tools) == list(TOOLS)
     for name, model in TOOLS.items():
         tool = tools[name]
         assert tool.description
@@ -109,6 +105,9 @@ async def test_each_tool_returns_structured_content_valid_for_its_result_model_a
     for info in result.structured_content["images"]:
         assert info["handle"].startswith("image://sha256/")
         assert info["handle"] in text  # handles reach models that only read the text
+    if isinstance(model, Table):  # the columns asked for, exactly, and one cell per column in every row
+        assert model.columns == arguments(tool, sample_images)["columns"]
+        assert all(len(row) == len(model.columns) for row in model.rows)
 
 
 async def test_a_chained_call_by_handle_reuses_the_image_and_hits_the_feature_cache(
@@ -133,7 +132,7 @@ async def test_a_chained_call_by_handle_reuses_the_image_and_hits_the_feature_ca
     [
         ("describe_image", {"image": "OUTSIDE"}, "outside the allowed directories"),
         ("read_text", {"image": "image://sha256/" + "0" * 64}, "unknown image handle"),
-        ("compare_images", {"images": ["CHART"]}, "given; this tool takes 2 to 4"),
+        ("compare_images", {"images": ["CHART"]}, "at least 2 items"),
         ("describe_image", {"image": "CHART", "detail": "verbose"}, "detail"),
     ],
     ids=["path-outside-allowed-dirs", "unknown-handle", "compare-one-image", "bad-detail"],
@@ -394,7 +393,7 @@ def test_the_mcp_client_example_runs_against_the_stdio_server(tiny_dir: Path) ->
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "describe_image, read_text, compare_images, ask_images" in done.stdout
+    assert ", ".join(TOOLS) in done.stdout  # the five tools, in the table's order
     assert "image features reused from the cache: 1" in done.stdout
 
 

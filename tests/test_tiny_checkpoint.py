@@ -274,14 +274,15 @@ def test_cli_help_lists_the_commands(flag: str) -> None:
     assert "make-tiny-checkpoint" in result.output
 
 
-def test_cli_demo_runs_the_three_seed_tasks_on_a_tiny_checkpoint(tiny_dir: Path, clean_env: None) -> None:
+def test_cli_demo_runs_the_three_seed_tasks_and_the_table_on_a_tiny_checkpoint(tiny_dir: Path, clean_env: None) -> None:
     result = CliRunner().invoke(
         phi3v_tools.cli.main, ["demo", "--model", str(tiny_dir), "--max-new-tokens", "4", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
-    for task in ("stock chart", "book cover", "two photos"):
+    for task in ("stock chart", "book cover", "two photos", "sales table"):
         assert f"## {task}:" in result.output
-    assert len(re.findall(r"\d+ new,", result.output)) == 3
+    assert "## sales table: Can you convert the table to markdown format?" in result.output
+    assert len(re.findall(r"\d+ new,", result.output)) == 4
     assert all(int(n) <= 4 for n in re.findall(r"(\d+) new,", result.output))
 
 

@@ -54,16 +54,6 @@ DICT_SCHEMA: dict[str, Any] = {
 TOOL_CLASSES = (ImageDescription, TextReading, ImageComparison, Answer)
 
 
-@pytest.fixture
-def fake() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-def toolbox(fake: FakeBackend, sample_images: dict[str, Path]) -> Toolbox:
-    return Toolbox(fake, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
-
-
 def _digest(path: Path) -> str:
     with Image.open(path) as image:
         return image_digest(image.convert("RGB"))

@@ -28,7 +28,7 @@ from phi3v_tools.images import ImagePolicy
 from phi3v_tools.model import Phi3VForCausalLM, Phi3VProcessor
 from phi3v_tools.runner import Runner
 from phi3v_tools.settings import Settings
-from phi3v_tools.tools import Toolbox
+from phi3v_tools.tools import Toolbox, tool_specs
 from tests.mcp_http import http_client, http_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -331,4 +331,4 @@ def test_a_server_configured_from_the_environment_refuses_wrong_hosts_origins_an
             async with http_client(url, token) as client:
                 return {tool.name for tool in (await client.list_tools()).tools}
 
-        assert anyio.run(listed) == {"describe_image", "read_text", "compare_images", "ask_images"}
+        assert anyio.run(listed) == {spec.name for spec in tool_specs()}

@@ -21,8 +21,8 @@ What it measures, every comparison in the same process on the same engine:
 3. head of line: two 900-token answers decoding, then an 8-token request; its latency vs the same request
    alone, in both modes.
 
-The engine runs with the default Settings (16 rows, the KV bound that memory holds, which for the tiny model is
-16 full 4,096-token contexts, 2048-token prefill chunks, 5 ms batch window) but a queue long enough that nothing
+The engine runs with the default Settings (32 rows, the KV bound that memory holds, which for the tiny model is
+32 full 4,096-token contexts, 2048-token prefill chunks, 5 ms batch window) but a queue long enough that nothing
 is refused. One engine serves every run (``static_batching``
 toggled between runs, the feature cache cleared before each, the engine idle in between); the modes alternate
 which goes first from rate to rate. The tiny random model rarely emits a stop token, so ``max_new_tokens``

@@ -35,7 +35,7 @@ class EngineLimits:
 
     num_crops: int | None = None  # default crops per image; None: the checkpoint's (16 for Phi-3, 4 for Phi-3.5)
     batch_window_ms: float = 5.0
-    max_batch_size: int = 16
+    max_batch_size: int = 32
     max_batch_tokens: int | None = None  # None: what memory holds (engine.scheduler.kv_budget_tokens)
     prefill_chunk_tokens: int = 2048
     max_step_images: int = 8
@@ -73,7 +73,7 @@ class Settings:
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)  # where the tiny checkpoint is written
     # The runner (phi3v_tools.runner): batching, limits, the image-feature cache.
     batch_window_ms: float = 5.0  # an idle engine waits this long for company before it starts a batch
-    max_batch_size: int = 16  # requests decoded together (rows of the running batch)
+    max_batch_size: int = 32  # requests decoded together (rows of the running batch); the KV budget bounds memory
     # KV cache bound in tokens: rows x the longest row's prompt + max_new_tokens (padded). None: what memory
     # holds, 40 % of the GPU memory free after loading or 4 GiB on CPU/MPS, at most max_batch_size full contexts
     max_batch_tokens: int | None = None

@@ -6,6 +6,7 @@ Nothing below the edges reads ``os.environ``; it receives a :class:`Settings`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -16,6 +17,9 @@ from phi3v_tools.model.names import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 from phi3v_tools.structured import SchemaLimits
 
 ENV_PREFIX = "PHI3V_"
+DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:[0-9]+)?)$")
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,17 @@ class ModelConfig:
     dtype: str | None = None
     attn_implementation: str | None = None
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)
+
+    def __post_init__(self) -> None:
+        """The choices are checked here, at the edge, so that a typo fails at start and not at the first call."""
+        if self.device is not None and not DEVICE.match(self.device):
+            raise ValueError(f"PHI3V_DEVICE must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"PHI3V_DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTION:
+            raise ValueError(
+                f"PHI3V_ATTN_IMPLEMENTATION must be one of {', '.join(ATTENTION)}, got {self.attn_implementation!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,9 @@ class Settings:
     mcp_header_timeout_s: float = 10.0  # a request's headers must arrive within this, from connect or last answer
     mcp_body_timeout_s: float = 60.0  # a request's body must arrive within this, from its headers
     mcp_keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+
+    def __post_init__(self) -> None:
+        self.model_config()  # device, dtype and attention are checked when the settings are made
 
     def schema_limits(self) -> SchemaLimits:
         return SchemaLimits(max_bytes=self.max_schema_bytes, max_string=self.max_schema_string)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +54,48 @@ def test_the_kv_budget_is_unset_by_default_and_a_bad_one_names_its_variable() ->
             Settings.from_env({"PHI3V_MAX_BATCH_TOKENS": bad}).engine_limits()
     with pytest.raises(ValueError, match="PHI3V_MAX_BATCH_SIZE must be a whole number of at least 1"):
         Settings.from_env({"PHI3V_MAX_BATCH_SIZE": "0"}).engine_limits()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("PHI3V_DEVICE", "gpu", "cpu, cuda, cuda:N, mps or auto"),
+        ("PHI3V_DEVICE", "cuda:x", "cpu, cuda, cuda:N, mps or auto"),
+        ("PHI3V_DTYPE", "fp16", "bfloat16, float16, float32, auto"),
+        ("PHI3V_ATTN_IMPLEMENTATION", "flash", "sdpa, flash_attention_2, eager"),
+    ],
+)
+def test_a_bad_device_dtype_or_attention_is_refused_when_the_settings_are_made(
+    variable: str, value: str, allowed: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{variable} must be .*{re.escape(allowed)}, got '{re.escape(value)}'$"):
+        Settings.from_env({variable: value})
+    with pytest.raises(ValueError, match=variable):  # a flag on top of the environment is checked the same way
+        Settings.from_env({}, **{variable.removeprefix("PHI3V_").lower(): value})
+
+
+def test_every_documented_device_dtype_and_attention_is_accepted() -> None:
+    for device in ("cpu", "cuda", "cuda:1", "mps", "auto"):
+        assert Settings(device=device).model_config().device == device
+    for dtype in ("bfloat16", "float16", "float32", "auto"):
+        assert Settings(dtype=dtype).dtype == dtype
+    for attention in ("sdpa", "flash_attention_2", "eager"):
+        assert Settings(attn_implementation=attention).attn_implementation == attention
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "phi3v_tools.cli", "describe", "x.png"], ["-m", "phi3v_mcp"]],
+    ids=["cli", "mcp"],
+)
+def test_a_bad_setting_stops_the_cli_and_the_mcp_server_at_start_with_one_line_and_exit_1(
+    command: list[str], tmp_path: Path
+) -> None:
+    env = {**os.environ, "PHI3V_DTYPE": "fp16", "PHI3V_MODEL": "tiny"}
+    done = subprocess.run(
+        [sys.executable, *command], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PHI3V_DTYPE must be one of bfloat16, float16, float32, auto, got 'fp16'" in lines[0]
+    assert done.stdout == ""

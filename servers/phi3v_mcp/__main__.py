@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except ValueError as exc:
         sys.stderr.write(f"phi3v_mcp: {exc}\n")  # stdout belongs to the protocol
-        return 2
+        return 1  # a start-up failure, as servers/README.md documents (2 is argparse's, for bad flags)
 
     from phi3v_mcp.server import run
 

@@ -191,7 +191,6 @@ def _apply(*options: Callable[[F], F]) -> Callable[[F], F]:
 
 
 model_options = _apply(*_MODEL_OPTIONS)
-tool_options = _apply(*_MODEL_OPTIONS, *_IMAGE_OPTIONS, _JSON_OPTION)
 
 
 def build_settings(**options: Any) -> Settings:

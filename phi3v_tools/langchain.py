@@ -209,7 +209,7 @@ class _Phi3VisionTool(BaseTool):
     def _run(self, *, run_manager: CallbackManagerForToolRun | None = None, **arguments: Any) -> tuple[str, Any]:
         toolbox = self._toolbox()
         with self._errors():
-            result = tool_spec(self.name, toolbox.max_compare).call(toolbox, arguments)
+            result = _SPECS[self.name].call(toolbox, arguments)  # the call is the same whatever the limits
         return result_text(result), result
 
     async def _arun(
@@ -217,7 +217,7 @@ class _Phi3VisionTool(BaseTool):
     ) -> tuple[str, Any]:
         with self._errors():
             toolbox = await asyncio.to_thread(self._ready)  # a first-use model load runs in a thread, not on the loop
-            result = await tool_spec(self.name, toolbox.max_compare).acall(toolbox, arguments)
+            result = await _SPECS[self.name].acall(toolbox, arguments)
         return result_text(result), result
 
     def _ready(self) -> Toolbox:

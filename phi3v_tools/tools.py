@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -42,6 +42,7 @@ ImageKind = Literal["photo", "chart", "document", "screenshot", "diagram", "illu
 MAX_NEW_TOKENS: dict[str, int] = {"brief": 160, "normal": 400, "detailed": 800}
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ -]{0,63}$")  # a field name becomes a JSON property name
 COLUMN_NAME = re.compile(r"^(?!.*<\|)[^\x00-\x1f\x7f]{1,64}$")  # a header as printed: 'Revenue ($m)', 'Q1 2024'
+MAX_FIELDS = 20
 MAX_TABLE_ROWS = 200
 MAX_TABLE_COLUMNS = 30
 MAX_CELL_CHARS = 200
@@ -198,7 +199,6 @@ def _compact_json(value: Any) -> str:
 # The toolbox
 
 
-R = TypeVar("R", bound=_WithMeta)
 ProgressCallback = Callable[[str], None]
 
 
@@ -263,11 +263,11 @@ class Toolbox:
         if question:
             prompt = f"{_clean(question)}\nAnswer {length[detail]}, focused on that question."
         prompt += " Also say what kind of image it is, list its main objects, and copy any visible text."
-        request = self._request(prompt, images, _DescribeAnswer, MAX_NEW_TOKENS[detail])
+        request = self._request(prompt, images, _DescribeAnswer.model_json_schema(), MAX_NEW_TOKENS[detail])
         return Prepared(request, images, ImageDescription, {})
 
     def read_text_request(self, image: ImageRef, fields: Sequence[str] | None = None) -> Prepared:
-        names = _names("fields", fields, 20, FIELD_NAME)
+        names = _names(fields, "field", MAX_FIELDS, FIELD_NAME, "use letters, digits, spaces, '_' or '-'")
         images = self._images([image], 1, 1)
         prompt = "Transcribe all the text in this image in reading order, one entry per line."
         schema = _ReadAnswer.model_json_schema()
@@ -281,13 +281,10 @@ class Toolbox:
             }
             schema["required"] = [*schema["required"], "fields"]
             prompt += f" Also extract these fields: {', '.join(names)}. Use null for a field that is not there."
-        request = GenerationRequest.from_text(prompt, [i.image for i in images], json_schema=schema)
-        request.image_digests = [i.digest for i in images]
-        request.max_new_tokens = 800
-        return Prepared(request, images, TextReading, {})
+        return Prepared(self._request(prompt, images, schema, 800), images, TextReading, {})
 
     def read_table_request(self, image: ImageRef, columns: Sequence[str] | None = None) -> Prepared:
-        names = _names("columns", columns, MAX_TABLE_COLUMNS, COLUMN_NAME)
+        names = _names(columns, "column", MAX_TABLE_COLUMNS, COLUMN_NAME, "no control characters or image tags")
         images = self._images([image], 1, 1)
         schema = _TableAnswer.model_json_schema()
         if names:  # exactly these columns, in this order: the tool sets them; each row has one cell per column
@@ -302,9 +299,7 @@ class Toolbox:
         else:
             prompt = f"{TABLE_PROMPT} List the column headers, then every row, one cell per column."
         prompt += " Give numbers as numbers, without units; state the units separately, and summarize the table."
-        request = GenerationRequest.from_text(prompt, [i.image for i in images], json_schema=schema)
-        request.image_digests = [i.digest for i in images]
-        request.max_new_tokens = 1000
+        request = self._request(prompt, images, schema, 1000)
         return Prepared(request, images, Table, {"columns": names} if names else {})
 
     def compare_request(self, images_in: Sequence[ImageRef], question: str | None = None) -> Prepared:
@@ -312,7 +307,7 @@ class Toolbox:
         images = self._images(images_in, 2, self.max_compare)
         prompt = "Compare these images." if not question else f"Compare these images: {_clean(question)}"
         prompt += " Summarize how they relate, then list their similarities and their differences."
-        request = self._request(prompt, images, _CompareAnswer, 500)
+        request = self._request(prompt, images, _CompareAnswer.model_json_schema(), 500)
         request.num_crops = self.multi_image_num_crops  # several images: keep the prompt short (Phi-3.5 advice)
         return Prepared(request, images, ImageComparison, {})
 
@@ -333,19 +328,17 @@ class Toolbox:
             check_schema(output_schema, self.schema_limits)  # before any image is fetched or decoded
             schema = dict(output_schema)
         images = self._images(images_in, 1, self.max_compare)
-        request = GenerationRequest.from_text(
-            _clean(question), [i.image for i in images], json_schema=schema, max_new_tokens=max_new_tokens
-        )
-        request.image_digests = [i.digest for i in images]
+        request = self._request(question, images, schema, max_new_tokens)  # question: already cleaned above
         if len(images) > 1:
             request.num_crops = self.multi_image_num_crops
         return Prepared(request, images, Answer, {})
 
     def _request(
-        self, prompt: str, images: list[LoadedImage], answer: type[_Answer], max_new_tokens: int
+        self, prompt: str, images: list[LoadedImage], schema: dict[str, Any] | None, max_new_tokens: int
     ) -> GenerationRequest:
+        """The backend request: the prompt, the images with their digests, the answer's schema (None: free text)."""
         request = GenerationRequest.from_text(
-            prompt, [i.image for i in images], json_schema=answer.model_json_schema(), max_new_tokens=max_new_tokens
+            prompt, [i.image for i in images], json_schema=schema, max_new_tokens=max_new_tokens
         )
         request.image_digests = [i.digest for i in images]
         return request
@@ -498,15 +491,15 @@ def _clean(text: str) -> str:
     return cleaned
 
 
-def _names(argument: str, names: Any, most: int, pattern: re.Pattern[str]) -> list[str] | None:
-    """Field or column names a caller gave: None when none were; checked, stripped and deduplicated otherwise."""
+def _names(names: Any, noun: str, most: int, pattern: re.Pattern[str], rule: str) -> list[str] | None:
+    """Field or column names a caller gave (the argument is ``noun`` + "s"): None when none were; checked against
+    ``pattern`` (``rule`` says it in words), stripped and deduplicated otherwise."""
     if names is None or (isinstance(names, str | list | tuple) and not names):
         return None
     if isinstance(names, str):
         names = names.split(",")
-    noun = {"fields": "field", "columns": "column"}.get(argument, argument)
     if not isinstance(names, list | tuple):
-        raise PromptError(f"{argument} must be a list of {noun} names, not {type(names).__name__}")
+        raise PromptError(f"{noun}s must be a list of {noun} names, not {type(names).__name__}")
     chosen: list[str] = []
     for raw in names:
         if not isinstance(raw, str):
@@ -514,12 +507,7 @@ def _names(argument: str, names: Any, most: int, pattern: re.Pattern[str]) -> li
         name = raw.strip()
         if not pattern.match(name):
             shown = repr(raw) if len(raw) <= 80 else f"{raw[:60]!r}... ({len(raw)} characters)"
-            allowed = (
-                "use letters, digits, spaces, '_' or '-'"
-                if pattern is FIELD_NAME
-                else "no control characters or image tags"
-            )
-            raise PromptError(f"{noun} name {shown} is not allowed: {allowed}, at most 64 characters")
+            raise PromptError(f"{noun} name {shown} is not allowed: {rule}, at most 64 characters")
         if name not in chosen:
             chosen.append(name)
     if not chosen or len(chosen) > most:
@@ -578,9 +566,9 @@ class ReadTextArgs(ToolArgs):
     fields: list[str] | None = Field(
         default=None,
         min_length=1,
-        max_length=20,
-        description="Optional: up to 20 names of values to extract besides the full text, e.g. ['title', 'author'] "
-        "or ['date', 'total']; a value not in the image comes back as null.",
+        max_length=MAX_FIELDS,
+        description=f"Optional: up to {MAX_FIELDS} names of values to extract besides the full text, e.g. "
+        "['title', 'author'] or ['date', 'total']; a value not in the image comes back as null.",
     )
 
     _split = field_validator("fields", mode="before")(_split_names)

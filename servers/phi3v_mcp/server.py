@@ -136,16 +136,15 @@ def create_server(settings: Settings, toolbox: Toolbox | None = None) -> MCPServ
         # The toolbox's factory returns the runner just loaded (get_runner shares one per model per process).
         yield AppContext(toolbox_from_settings(settings), settings)
 
+    max_compare = toolbox.max_compare if toolbox is not None else settings.max_compare
     server: MCPServer[AppContext] = MCPServer(
         SERVER_NAME,
         title="Phi-3-vision tools",
-        description="Describe images, read their text, compare them and answer questions about them, locally.",
-        instructions=instructions(toolbox.max_compare if toolbox is not None else settings.max_compare),
+        description="Describe images, read their text and tables, compare them, answer questions about them.",
+        instructions=instructions(max_compare),
         version=__version__,
         lifespan=lifespan,
     )
-
-    max_compare = toolbox.max_compare if toolbox is not None else settings.max_compare
     for spec in tool_specs(max_compare):
         add_spec_tool(server, spec, open_world=spec.open_world and settings.allow_urls)
     return server

@@ -11,7 +11,7 @@ not printed: they live in one process, and a shell's next command is another.
 
 Every command ends the same way, however it ends (an answer, an error, Ctrl-C): the models it loaded are
 closed before the interpreter exits (:func:`shut_down`), so that no engine thread is inside torch while the
-interpreter tears down. Ctrl-C exits 130 with one line on stderr.
+interpreter tears down. Ctrl-C exits 130 and SIGTERM 143, with one line on stderr.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import click
 
 from phi3v_tools.errors import Phi3VToolsError
-from phi3v_tools.model.checkpoint import DEFAULT_MODEL_ID
+from phi3v_tools.model.names import DEFAULT_MODEL_ID
 from phi3v_tools.settings import Settings
+from phi3v_tools.signals import Terminated, ending_line, exit_status, terminate_as_interrupt
 from phi3v_tools.tools import TRUNCATED_NOTE, Answer, Table, Toolbox, ToolResult, ToolSpec, tool_spec, tool_specs
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 F = TypeVar("F", bound=Callable[..., Any])
-INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
-INTERRUPTED_LINE = "phi3v-tools: interrupted"
+PROGRAM = "phi3v-tools"
 THREADS_GRACE_S = 10.0  # how long shut_down waits for the package's background threads to finish
 
 
@@ -47,7 +47,8 @@ THREADS_GRACE_S = 10.0  # how long shut_down waits for the package's background 
 
 
 class Phi3VGroup(click.Group):
-    """The ``phi3v-tools`` group: a command's models are closed however it ends; Ctrl-C exits 130, one line.
+    """The ``phi3v-tools`` group: a command's models are closed however it ends; Ctrl-C exits 130 and SIGTERM
+    143, each with one line (:mod:`phi3v_tools.signals`).
 
     click would print ``Aborted!`` for a KeyboardInterrupt and exit 1; it is caught here first, after the
     models are closed (the answer so far stays where it was printed).
@@ -55,13 +56,14 @@ class Phi3VGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            try:
-                return super().invoke(ctx)
-            finally:
-                shut_down()
-        except KeyboardInterrupt:
-            click.echo(INTERRUPTED_LINE, err=True)
-            raise click.exceptions.Exit(INTERRUPTED) from None
+            with terminate_as_interrupt():
+                try:
+                    return super().invoke(ctx)
+                finally:
+                    shut_down()
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as signals.Terminated
+            click.echo(ending_line(PROGRAM, stop), err=True)
+            raise click.exceptions.Exit(exit_status(stop)) from None
 
 
 def shut_down() -> None:
@@ -90,24 +92,26 @@ def _join_background_threads(timeout: float) -> None:
 
 @contextlib.contextmanager
 def _second_interrupt_exits() -> Iterator[None]:
-    """While the models close, Ctrl-C ends the process at once, skipping the interpreter's teardown (which is
-    what could crash with an engine thread still running)."""
+    """While the models close, Ctrl-C or SIGTERM ends the process at once, skipping the interpreter's teardown
+    (which is what could crash with an engine thread still running)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def exit_now(signum: int, frame: object) -> None:
+        stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-            sys.stderr.write(INTERRUPTED_LINE + "\n")
+            sys.stderr.write(ending_line(PROGRAM, stop) + "\n")
             sys.stderr.flush()
-        os._exit(INTERRUPTED)
+        os._exit(exit_status(stop))
 
-    previous = signal.signal(signal.SIGINT, exit_now)
+    previous = {sig: signal.signal(sig, exit_now) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @click.group(cls=Phi3VGroup, context_settings=CONTEXT)
@@ -490,11 +494,11 @@ def mcp(transport: str, **options: Any) -> None:
     help="Checkpoint directory, hub id, or 'tiny' (the built-in random test model). Env: PHI3V_MODEL.",
 )
 @click.option("--device", envvar="PHI3V_DEVICE", default=None, help="cuda, cuda:1, cpu (default: CUDA if present).")
-@click.option("--num-crops", envvar="PHI3V_NUM_CROPS", type=int, default=None, help="Crops per image (1-16).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--num-crops", envvar="PHI3V_NUM_CROPS", type=click.IntRange(1, 16), help="Crops per image (1-16).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
 def demo(model: str, device: str | None, num_crops: int | None, max_new_tokens: int) -> None:
     """Run the seed notebook's three tasks (chart, book cover, two photos) and a table through the model API."""
-    settings = Settings.from_env(model=model, device=device, num_crops=num_crops)
+    settings = build_settings(model=model, device=device, num_crops=num_crops)
     try:
         run_demo(settings, max_new_tokens)
     except Phi3VToolsError as exc:

@@ -111,6 +111,10 @@ class Settings:
     url_timeout_s: float = 15.0
     max_compare: int = 4  # images per compare_images / ask_images call
     image_store_mb: float = 512.0  # decoded pixels kept for image://sha256/ handles (RGB, 3 bytes a pixel)
+    # Handles on disk as well (content-addressed PNGs, LRU, 0600): they then outlive the process and are shared by
+    # every process using the directory. None: in memory only (servers); the CLI uses <cache_dir>/images.
+    image_store_dir: Path | None = None
+    image_store_disk_mb: float = 1024.0  # bytes of PNG files kept in image_store_dir
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765
@@ -125,7 +129,21 @@ class Settings:
     mcp_keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
 
     def __post_init__(self) -> None:
-        self.model_config()  # device, dtype and attention are checked when the settings are made
+        """Every choice and number is checked here, when the settings are made: a bad value stops a command or a
+        server at start with one line naming its variable, never at the first call."""
+        self.model_config()
+        for name, bound in RANGES.items():
+            bound.check(name, getattr(self, name))
+        if self.max_new_tokens >= self.max_context:
+            raise ValueError(
+                f"PHI3V_MAX_NEW_TOKENS ({self.max_new_tokens}) must be less than PHI3V_MAX_CONTEXT "
+                f"({self.max_context}): the prompt needs room too"
+            )
+        if self.max_compare > self.max_images:
+            raise ValueError(
+                f"PHI3V_MAX_COMPARE ({self.max_compare}) must be at most PHI3V_MAX_IMAGES ({self.max_images}), "
+                "the images one request may carry"
+            )
 
     def schema_limits(self) -> SchemaLimits:
         return SchemaLimits(max_bytes=self.max_schema_bytes, max_string=self.max_schema_string)
@@ -159,8 +177,10 @@ class Settings:
                 try:
                     values[f.name] = kind(raw)
                 except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a number, got {raw!r}") from None
-            elif f.name == "cache_dir":
+                    raise ValueError(
+                        f"{ENV_PREFIX}{f.name.upper()} must be {RANGES[f.name].describe()}, got {raw!r}"
+                    ) from None
+            elif f.name in ("cache_dir", "image_store_dir"):
                 values[f.name] = Path(raw).expanduser()
             elif f.name == "allowed_dirs":
                 values[f.name] = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
@@ -173,6 +193,65 @@ class Settings:
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a number may take: ``low`` to ``high``, the low end left out when ``above`` (a time, a size)."""
+
+    low: float
+    high: float
+    whole: bool = True
+    above: bool = False  # low itself is not allowed
+
+    def check(self, name: str, value: object) -> None:
+        if value is None:  # unset: the documented default applies
+            return
+        kind_ok = isinstance(value, int) if self.whole else isinstance(value, int | float)
+        if kind_ok and not isinstance(value, bool):
+            number = float(value)  # type: ignore[arg-type]
+            if (number > self.low if self.above else number >= self.low) and number <= self.high:
+                return
+        raise ValueError(f"{ENV_PREFIX}{name.upper()} must be {self.describe()}, got {value!r}")
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        low, high = (str(int(v)) if float(v).is_integer() else str(v) for v in (self.low, self.high))
+        return f"{kind} above {low} and at most {high}" if self.above else f"{kind} from {low} to {high}"
+
+
+_SECONDS = Bound(0, 86_400, whole=False, above=True)  # a time limit: more than nothing, at most a day
+RANGES: dict[str, Bound] = {
+    "num_crops": Bound(1, 16),
+    "batch_window_ms": Bound(0, 1000, whole=False),
+    "max_batch_size": Bound(1, 4096),
+    "max_batch_tokens": Bound(1, 2**31 - 1),
+    "prefill_chunk_tokens": Bound(1, 131_072),
+    "max_step_images": Bound(1, 1024),
+    "max_queue": Bound(1, 1_000_000),  # 0 would refuse everything; there is no "unbounded"
+    "max_images": Bound(1, 64),
+    "max_new_tokens": Bound(1, 131_072),
+    "max_context": Bound(64, 131_072),  # the checkpoints' 128k window
+    "request_timeout_s": _SECONDS,
+    "feature_cache_mb": Bound(0, 2**20),  # 0: no feature cache
+    "max_prompt_chars": Bound(1, 10_000_000),
+    "max_schema_bytes": Bound(2, 10_000_000),
+    "max_schema_string": Bound(1, 1_000_000),
+    "max_image_mb": Bound(0, 4096, whole=False, above=True),
+    "max_image_pixels": Bound(1, 2**32),
+    "url_timeout_s": _SECONDS,
+    "max_compare": Bound(2, 64),
+    "image_store_mb": Bound(0, 2**20, whole=False),  # 0: no handles kept
+    "image_store_disk_mb": Bound(0, 2**24, whole=False, above=True),
+    "mcp_port": Bound(0, 65535),  # 0: a free port, chosen by the system
+    "mcp_max_body_mb": Bound(0, 4096, whole=False, above=True),
+    "mcp_shutdown_grace_s": Bound(0, 86_400, whole=False),
+    "mcp_max_sessions": Bound(1, 1_000_000),
+    "mcp_session_idle_s": _SECONDS,
+    "mcp_max_connections": Bound(1, 1_000_000),
+    "mcp_header_timeout_s": _SECONDS,
+    "mcp_body_timeout_s": _SECONDS,
+    "mcp_keep_alive_s": _SECONDS,
+}
 
 # Numeric fields are parsed by their annotation (a string under `from __future__ import annotations`).
 _NUMBERS: dict[str, type[int] | type[float]] = {"int": int, "int | None": int, "float": float, "float | None": float}

@@ -198,7 +198,7 @@ def test_bad_usage_exits_2(cli: Callable[..., Result], args: list[str]) -> None:
 
 def test_a_malformed_phi3v_variable_exits_1(cli: Callable[..., Result], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PHI3V_MAX_NEW_TOKENS", "many")
-    assert "PHI3V_MAX_NEW_TOKENS must be a number" in _failed(cli("describe", "x.png"), 1)
+    assert "PHI3V_MAX_NEW_TOKENS must be a whole number" in _failed(cli("describe", "x.png"), 1)
 
 
 def test_phi3v_variables_are_honoured(

@@ -2,7 +2,8 @@
 
 A CLI run's engine threads must be stopped before the interpreter tears down: one still inside torch aborted
 the process ("terminate called without an active exception", status 134) or crashed it (139). Ctrl-C exits 130
-with one line on stderr, also for the stdio MCP server, whose stdin reader once kept the process alive.
+and SIGTERM 143, with one line on stderr, also for the stdio MCP server (both entry points), whose stdin reader
+once kept the process alive.
 
 The weight-loading progress bar (stderr, ``loading weights: ...``) is not counted as a line of the ending.
 """
@@ -97,10 +98,10 @@ class Generation:
         self.interrupted_at = 0.0
         self._rest: threading.Thread | None = None
 
-    def interrupt_once_generating(self) -> None:
-        """Wait for the answer's first piece on the terminal (the engine is generating), then send SIGINT."""
+    def interrupt_once_generating(self, signum: int = signal.SIGINT) -> None:
+        """Wait for the answer's first piece on the terminal (the engine is generating), then send ``signum``."""
         self.streamed = _read_until(self.primary, lambda data: bool(data.strip()), START_TIMEOUT_S)
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(signum)
         self.interrupted_at = time.monotonic()
         self._rest = threading.Thread(target=self._read_rest)  # a full terminal must not hold the run up
         self._rest.start()
@@ -143,26 +144,37 @@ def generations() -> Iterator[list[Generation]]:
         generation.kill()
 
 
-def test_ctrl_c_during_a_cli_generation_exits_130_with_one_line(
-    env: dict[str, str], sample_images: dict[str, Path], generations: list[Generation]
+STOPS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+STOP_IDS = ["SIGINT", "SIGTERM"]
+
+
+@pytest.mark.parametrize(("signum", "status", "word"), STOPS, ids=STOP_IDS)
+def test_a_signal_during_a_cli_generation_exits_130_or_143_with_one_line(
+    env: dict[str, str],
+    sample_images: dict[str, Path],
+    generations: list[Generation],
+    signum: int,
+    status: int,
+    word: str,
 ) -> None:
-    # Three runs side by side (start-up is most of a run), each interrupted while it generates a long answer
+    # Three runs side by side (start-up is most of a run), each stopped while it generates a long answer
     # (the tiny random model rarely stops before max_new_tokens).
     generations.extend(Generation(env, sample_images["chart"]) for _ in range(3))
     for generation in generations:
-        generation.interrupt_once_generating()
+        generation.interrupt_once_generating(signum)
     for generation in generations:
         rc, took, stdout, stderr = generation.finish()
-        assert rc == 130, stderr
-        assert _ending(stderr) == ["phi3v-tools: interrupted"], stderr
+        assert rc == status, stderr
+        assert _ending(stderr) == [f"phi3v-tools: {word}"], stderr
         assert took < CLI_STOP_TIMEOUT_S
         for sign in CRASH_SIGNS:
             assert sign not in stderr and sign not in stdout
 
 
 def test_an_error_after_the_model_loaded_exits_cleanly(env: dict[str, str], sample_images: dict[str, Path]) -> None:
-    # max_new_tokens 0 passes the settings but fails the request, once the model has loaded (the process then
-    # ends with the engine's threads just started). The crash was intermittent: four runs, side by side.
+    # A 64-token context passes the settings but fails the request (the image alone takes more), once the model
+    # has loaded (the process then ends with the engine's threads just started). The crash was intermittent:
+    # four runs, side by side.
     chart = sample_images["chart"]
     args = _command("describe", str(chart), "--allow-dir", str(chart.parent))
     procs = [
@@ -171,7 +183,7 @@ def test_an_error_after_the_model_loaded_exits_cleanly(env: dict[str, str], samp
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env={**env, "PHI3V_MAX_NEW_TOKENS": "0"},
+            env={**env, "PHI3V_MAX_CONTEXT": "64", "PHI3V_MAX_NEW_TOKENS": "16"},
             cwd=chart.parent,
             text=True,
         )
@@ -182,15 +194,23 @@ def test_an_error_after_the_model_loaded_exits_cleanly(env: dict[str, str], samp
         assert "loading weights" in stderr  # the error came after the model loaded
         assert proc.returncode == 1, stderr  # not 134 (abort) nor -11 / 139 (segfault)
         (line,) = _ending(stderr)
-        assert line.startswith("Error: ") and "max_new_tokens" in line
+        assert line.startswith("Error: ") and "64-token limit" in line
         assert stdout == ""
         for sign in CRASH_SIGNS:
             assert sign not in stderr
 
 
-def test_ctrl_c_stops_the_stdio_mcp_server(env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "status", "word"), STOPS, ids=STOP_IDS)
+@pytest.mark.parametrize("entry", ["phi3v-tools mcp", "python -m phi3v_mcp"])
+def test_a_signal_stops_the_stdio_mcp_server_with_130_or_143_and_one_line(
+    env: dict[str, str], tmp_path: Path, entry: str, signum: int, status: int, word: str
+) -> None:
+    if entry == "phi3v-tools mcp":
+        command, program = _command("mcp", "--allow-dir", str(tmp_path)), "phi3v-tools"
+    else:
+        command, program = [sys.executable, "-m", "phi3v_mcp"], "phi3v_mcp"
     proc = subprocess.Popen(
-        _command("mcp", "--allow-dir", str(tmp_path)),
+        command,
         stdin=subprocess.PIPE,  # kept open: the client is still there
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -213,7 +233,7 @@ def test_ctrl_c_stops_the_stdio_mcp_server(env: dict[str, str], tmp_path: Path) 
         proc.stdin.flush()
         answer = _read_until(proc.stdout.fileno(), lambda data: data.endswith(b"\n"), START_TIMEOUT_S)
         assert json.loads(answer)["result"]["serverInfo"]["name"] == "phi3v-tools"  # serving: the model is loaded
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         interrupted_at = time.monotonic()
         rc = proc.wait(timeout=STOP_TIMEOUT_S)
         took = time.monotonic() - interrupted_at
@@ -224,10 +244,42 @@ def test_ctrl_c_stops_the_stdio_mcp_server(env: dict[str, str], tmp_path: Path) 
             proc.wait()
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             pipe.close()
-    assert rc == 130, stderr
+    assert rc == status, stderr
     assert took < STOP_TIMEOUT_S
     lines = _ending(stderr)
     ready = next(i for i, line in enumerate(lines) if " ready on cpu " in line)  # the server's start-up log
-    assert lines[ready + 1 :] == ["phi3v-tools: interrupted"], stderr
+    assert lines[ready + 1 :] == [f"{program}: {word}"], stderr
+    for sign in CRASH_SIGNS:
+        assert sign not in stderr
+
+
+@pytest.mark.parametrize(("signum", "status", "word"), STOPS, ids=STOP_IDS)
+def test_a_signal_during_the_demo_exits_130_or_143_with_one_line(
+    env: dict[str, str], tmp_path: Path, signum: int, status: int, word: str
+) -> None:
+    # The demo generates through the model's own generate() in the main thread, not through the engine.
+    proc = subprocess.Popen(
+        _command("demo", "--max-new-tokens", "3000"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        first = _read_until(proc.stdout.fileno(), lambda data: b"\n" in data, START_TIMEOUT_S)
+        assert first.startswith(b"model "), first  # loaded; the first task is generating its 3000 tokens
+        proc.send_signal(signum)
+        rc = proc.wait(timeout=CLI_STOP_TIMEOUT_S)
+        stderr = proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert rc == status, stderr
+    assert _ending(stderr) == [f"phi3v-tools: {word}"], stderr
     for sign in CRASH_SIGNS:
         assert sign not in stderr

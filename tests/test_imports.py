@@ -33,6 +33,9 @@ LIGHT_MODULES = [
     "phi3v_tools.model.chat_format",
     "phi3v_tools.model.pil",
     "phi3v_tools.digests",
+    "phi3v_tools.signals",
+    "phi3v_tools.cli",
+    "phi3v_mcp.__main__",
 ]
 
 
@@ -108,3 +111,42 @@ def test_model_config_ignores_what_only_the_tools_and_the_engine_limits_use() ->
 def test_engine_limits_carry_over_the_queue_bound() -> None:
     assert Settings(model="tiny", max_queue=3).engine_limits().max_queue == 3
     assert Settings(model="tiny").engine_limits() == Settings(model="other").engine_limits()
+
+
+CLI_WITHOUT_A_MODEL = [
+    (["--version"], 0),
+    (["--help"], 0),
+    (["describe", "--help"], 0),
+    (["mcp", "--help"], 0),
+    (["describe"], 2),  # a usage error: no image
+    (["describe", "x.png", "--detail", "huge"], 2),
+    (["no-such-command"], 2),
+]
+
+
+@pytest.mark.parametrize(("args", "status"), CLI_WITHOUT_A_MODEL, ids=[" ".join(a) for a, _ in CLI_WITHOUT_A_MODEL])
+def test_help_version_and_usage_errors_answer_without_importing_torch(args: list[str], status: int) -> None:
+    # Importing torch and transformers is most of a command's start-up (about 4 s); these need neither.
+    code = (
+        "import json, sys\n"
+        "from phi3v_tools.cli import main\n"
+        "try:\n"
+        f"    main({args!r}, prog_name='phi3v-tools')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        f"print(json.dumps([code, [m for m in {HEAVY!r} if m in sys.modules]]))"
+    )
+    assert _fresh(code) == [status, []]
+
+
+def test_the_mcp_module_answers_help_without_importing_torch() -> None:
+    code = (
+        "import json, sys\n"
+        "from phi3v_mcp.__main__ import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        f"print(json.dumps([code, [m for m in {HEAVY!r} if m in sys.modules]]))"
+    )
+    assert _fresh(code) == [0, []]

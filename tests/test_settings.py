@@ -42,7 +42,7 @@ def test_explicit_overrides_beat_the_environment_and_none_means_not_given() -> N
 
 
 def test_a_malformed_number_names_the_variable() -> None:
-    with pytest.raises(ValueError, match="PHI3V_MAX_QUEUE must be a number"):
+    with pytest.raises(ValueError, match="PHI3V_MAX_QUEUE must be a whole number"):
         Settings.from_env({"PHI3V_MAX_QUEUE": "lots"})
 
 
@@ -50,9 +50,9 @@ def test_the_kv_budget_is_unset_by_default_and_a_bad_one_names_its_variable() ->
     assert Settings.from_env({}).engine_limits().max_batch_tokens is None  # the engine sizes it from memory
     assert Settings.from_env({"PHI3V_MAX_BATCH_TOKENS": "32768"}).engine_limits().max_batch_tokens == 32768
     for bad in ("0", "-5"):
-        with pytest.raises(ValueError, match="PHI3V_MAX_BATCH_TOKENS must be a whole number of at least 1"):
+        with pytest.raises(ValueError, match="PHI3V_MAX_BATCH_TOKENS must be a whole number from 1 to"):
             Settings.from_env({"PHI3V_MAX_BATCH_TOKENS": bad}).engine_limits()
-    with pytest.raises(ValueError, match="PHI3V_MAX_BATCH_SIZE must be a whole number of at least 1"):
+    with pytest.raises(ValueError, match="PHI3V_MAX_BATCH_SIZE must be a whole number from 1 to"):
         Settings.from_env({"PHI3V_MAX_BATCH_SIZE": "0"}).engine_limits()
 
 
@@ -83,19 +83,56 @@ def test_every_documented_device_dtype_and_attention_is_accepted() -> None:
         assert Settings(attn_implementation=attention).attn_implementation == attention
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["-m", "phi3v_tools.cli", "describe", "x.png"], ["-m", "phi3v_mcp"]],
-    ids=["cli", "mcp"],
-)
-def test_a_bad_setting_stops_the_cli_and_the_mcp_server_at_start_with_one_line_and_exit_1(
-    command: list[str], tmp_path: Path
+BAD_AT_START = [
+    ("PHI3V_DTYPE", "fp16", "PHI3V_DTYPE must be one of bfloat16, float16, float32, auto, got 'fp16'"),
+    ("PHI3V_MAX_NEW_TOKENS", "-5", "PHI3V_MAX_NEW_TOKENS must be a whole number from 1 to 131072, got -5"),
+    ("PHI3V_MAX_NEW_TOKENS", "0", "PHI3V_MAX_NEW_TOKENS must be a whole number from 1 to 131072, got 0"),
+    ("PHI3V_MAX_QUEUE", "0", "PHI3V_MAX_QUEUE must be a whole number from 1 to 1000000, got 0"),
+    ("PHI3V_REQUEST_TIMEOUT_S", "0", "PHI3V_REQUEST_TIMEOUT_S must be a number above 0 and at most 86400"),
+]
+COMMANDS = [["-m", "phi3v_tools.cli", "describe", "x.png"], ["-m", "phi3v_tools.cli", "mcp"], ["-m", "phi3v_mcp"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=["cli", "cli-mcp", "python-m-phi3v_mcp"])
+@pytest.mark.parametrize(("variable", "value", "message"), BAD_AT_START, ids=[f"{v}={x}" for v, x, _ in BAD_AT_START])
+def test_a_bad_setting_stops_the_cli_and_both_mcp_entry_points_at_start_with_one_line_and_exit_1(
+    command: list[str], variable: str, value: str, message: str, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "PHI3V_DTYPE": "fp16", "PHI3V_MODEL": "tiny"}
+    env = {**os.environ, variable: value, "PHI3V_MODEL": "tiny"}
     done = subprocess.run(
         [sys.executable, *command], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "PHI3V_DTYPE must be one of bfloat16, float16, float32, auto, got 'fp16'" in lines[0]
+    assert len(lines) == 1 and message in lines[0], done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"PHI3V_MAX_QUEUE": "0"}, "PHI3V_MAX_QUEUE"),  # once silently an unbounded queue
+        ({"PHI3V_NUM_CROPS": "17"}, "PHI3V_NUM_CROPS"),
+        ({"PHI3V_MAX_COMPARE": "1"}, "PHI3V_MAX_COMPARE"),  # compare needs two
+        ({"PHI3V_MAX_COMPARE": "9"}, "PHI3V_MAX_COMPARE"),  # more than a request may carry (8)
+        ({"PHI3V_MAX_CONTEXT": "2048", "PHI3V_MAX_NEW_TOKENS": "2048"}, "PHI3V_MAX_NEW_TOKENS"),
+        ({"PHI3V_MCP_PORT": "70000"}, "PHI3V_MCP_PORT"),
+        ({"PHI3V_MAX_IMAGE_MB": "0"}, "PHI3V_MAX_IMAGE_MB"),
+        ({"PHI3V_MAX_QUEUE": "2.5"}, "PHI3V_MAX_QUEUE"),
+        ({"PHI3V_IMAGE_STORE_DISK_MB": "-1"}, "PHI3V_IMAGE_STORE_DISK_MB"),
+    ],
+)
+def test_a_value_out_of_range_is_refused_when_the_settings_are_made(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(ValueError, match=f"^{variable} "):
+        Settings.from_env(environ)
+
+
+def test_every_numeric_setting_has_a_range_and_its_default_is_inside_it() -> None:
+    from dataclasses import fields
+
+    from phi3v_tools.settings import RANGES
+
+    numeric = {f.name for f in fields(Settings) if str(f.type) in ("int", "float", "int | None", "float | None")}
+    assert numeric == set(RANGES)
+    Settings()  # the defaults pass their own checks
+    assert Settings(max_queue=1, feature_cache_mb=0, mcp_port=0).max_queue == 1  # the ends are allowed

@@ -6,6 +6,7 @@ import sys
 
 from phi3v_tools.errors import Phi3VToolsError
 from phi3v_tools.settings import Settings
+from phi3v_tools.signals import ending_line, exit_status, terminate_as_interrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     from phi3v_mcp.server import run
 
     try:
-        run(settings, args.transport)
-    except KeyboardInterrupt:
-        return 130
+        with terminate_as_interrupt():
+            run(settings, args.transport)
+    except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (signals.Terminated): 143, after a graceful drain
+        sys.stderr.write(ending_line("phi3v_mcp", stop) + "\n")
+        return exit_status(stop)
     except Exception as exc:  # a start-up failure (model not found, port in use): one line, no traceback
         cause = _expected(exc)
         if cause is None:

@@ -1,12 +1,13 @@
 """Read the text of every image in a folder into a JSON Lines file.
 
     python examples/read_folder.py scans/ out.jsonl --fields title,author
-    PHI3V_MODEL=./tiny python examples/read_folder.py scans/ out.jsonl    # the tiny random model
+    PHI3V_MODEL=tiny python examples/read_folder.py scans/ out.jsonl    # the tiny random model, offline
 
 The calls go through the async API all at once (a bounded number in flight), so the shared runner batches
 them. Each line is ``{"path": ..., "result": {...}}``, or ``{"path": ..., "error": "..."}`` for an image
 that could not be read; the run goes on. Lines are written as results arrive, so their order is not the
-folder's.
+folder's. The exit status is 0 when every image was read, and 1 when any was not (the lines with "error"
+say which and why) or the folder holds no images, so that a script or a scheduled job notices.
 """
 
 import argparse
@@ -50,7 +51,7 @@ async def read_folder(folder: Path, out: Path, fields: list[str] | None) -> tupl
     return len(paths), errors
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="a folder of images (not searched recursively)")
     parser.add_argument("out", type=Path, help="the JSON Lines file to write")
@@ -60,8 +61,12 @@ def main() -> None:
         parser.error(f"{args.folder} is not a folder")
     fields = [name.strip() for name in args.fields.split(",") if name.strip()] if args.fields else None
     total, errors = asyncio.run(read_folder(args.folder.resolve(), args.out, fields))
+    if total == 0:
+        print(f"no images in {args.folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})", file=sys.stderr)
+        return 1
     print(f"{total} images, {errors} errors -> {args.out}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ __all__ = [
     "BusyError",
     "CancelledError",
     "CheckpointError",
+    "DeviceError",
     "ImageError",
     "ModelNotFoundError",
     "OptionalDependencyError",
@@ -32,6 +33,11 @@ class ModelNotFoundError(Phi3VToolsError):
 
 class CheckpointError(Phi3VToolsError):
     """A checkpoint directory is incomplete, corrupt, or not a Phi-3-vision checkpoint."""
+
+
+class DeviceError(Phi3VToolsError, ValueError):
+    """The device or attention asked for is not usable here: a CPU-only PyTorch, no GPU visible, an index past the
+    last GPU, flash-attn off CUDA."""
 
 
 class ImageError(Phi3VToolsError, ValueError):

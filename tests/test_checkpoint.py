@@ -13,6 +13,7 @@ import re
 import runpy
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -566,3 +567,63 @@ def test_from_pretrained_accepts_the_seed_notebook_arguments(
 def test_from_pretrained_refuses_unknown_arguments(tiny_dir: Path) -> None:
     with pytest.raises(TypeError, match="load_in_8bit"):
         Phi3VForCausalLM.from_pretrained(tiny_dir, load_in_8bit=True)
+
+
+def test_a_misspelt_model_name_suggests_the_known_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phi3v_tools.errors import ModelNotFoundError
+    from phi3v_tools.model.checkpoint import resolve_checkpoint
+    from phi3v_tools.model.names import did_you_mean
+
+    monkeypatch.chdir(tmp_path)  # no directory called tiyn here
+    with pytest.raises(ModelNotFoundError, match="Did you mean 'tiny'\\?"):
+        resolve_checkpoint("tiyn")
+    assert did_you_mean("microsoft/phi-3.5-vison-instruct") == " Did you mean 'microsoft/Phi-3.5-vision-instruct'?"
+    assert did_you_mean("gpt2") == "" and did_you_mean("tiny") == ""
+
+
+def test_a_device_this_pytorch_cannot_use_is_one_clear_error_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    from phi3v_tools.errors import DeviceError
+    from phi3v_tools.model.checkpoint import check_device
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceError, match=r"built without CUDA; install a CUDA build of PyTorch .*PHI3V_DEVICE=cpu"):
+        check_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build, on a machine without a visible GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="sees no CUDA GPU"):
+        check_device(torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DeviceError, match=r"sees 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+        check_device(torch.device("cuda:2"))
+    check_device(torch.device("cuda:1"))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="'mps'"):
+        check_device(torch.device("mps"))
+    check_device(torch.device("cpu"))
+    with pytest.raises(DeviceError, match="flash_attention_2 runs on CUDA only"):
+        choose_attn_implementation("flash_attention_2", torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot be used")
+@pytest.mark.parametrize("command", [["-m", "phi3v_tools.cli", "describe", "x.png"], ["-m", "phi3v_mcp"]])
+def test_asking_for_cuda_without_it_is_one_line_and_exit_1_not_a_traceback(
+    command: list[str], tiny_dir: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "x.png")
+    env = {**os.environ, "PHI3V_MODEL": str(tiny_dir), "PHI3V_DEVICE": "cuda", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "device 'cuda' was asked for" in lines[0], done.stderr
+    assert done.stdout == ""

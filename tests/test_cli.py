@@ -349,11 +349,11 @@ def test_the_seed_tools_example_runs_the_three_tasks_and_the_table(
     assert f"(model {tiny_dir};" in run.stdout
 
 
-def test_the_read_folder_example_writes_one_line_per_image_and_goes_on_after_errors(
+def test_the_read_folder_example_writes_one_line_per_image_goes_on_after_errors_and_exits_1_for_them(
     examples: dict[str, tuple[subprocess.CompletedProcess[str], Path]],
 ) -> None:
     run, out = examples["read_folder"]
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 1, run.stderr  # one image could not be read: a script must notice
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3 and "3 images, 1 errors" in run.stderr
     assert "image/s]" in run.stderr  # the progress bar
@@ -363,3 +363,15 @@ def test_the_read_folder_example_writes_one_line_per_image_and_goes_on_after_err
     for name in ("chart.png", "cover.png"):
         reading = TextReading.model_validate(by_name[name]["result"])
         assert reading.fields is not None and set(reading.fields) == {"title", "author"}
+
+
+def test_the_read_folder_example_exits_1_for_a_folder_without_images(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "read_folder.py"), str(tmp_path), str(tmp_path / "out.jsonl")],
+        env={**os.environ, "PHI3V_MODEL": "tiny"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "no images in" in done.stderr, done.stderr

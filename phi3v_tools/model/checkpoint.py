@@ -23,10 +23,15 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
-from phi3v_tools.errors import CheckpointError, ModelNotFoundError, OptionalDependencyError
+from phi3v_tools.errors import CheckpointError, DeviceError, ModelNotFoundError, OptionalDependencyError
 from phi3v_tools.model.config import Phi3VConfig
 from phi3v_tools.model.modeling import Phi3VForCausalLM
-from phi3v_tools.model.names import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, TINY_MODEL_ID  # re-exported from here too
+from phi3v_tools.model.names import (  # re-exported from here too
+    DEFAULT_CACHE_DIR,
+    DEFAULT_MODEL_ID,
+    TINY_MODEL_ID,
+    did_you_mean,
+)
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors"]  # what a download fetches: data, never code
 PROCESSOR_FILES = ["*.json"]
@@ -75,8 +80,9 @@ def resolve_checkpoint(
     text = os.fspath(path_or_id)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelNotFoundError(
-            f"{text!r} is neither a checkpoint directory nor a hub id like {DEFAULT_MODEL_ID!r}. "
-            "Point PHI3V_MODEL (or --model) at a local directory holding config.json and the safetensors."
+            f"{text!r} is neither a checkpoint directory nor a hub id like {DEFAULT_MODEL_ID!r}.{did_you_mean(text)} "
+            "Point PHI3V_MODEL (or --model) at a local directory holding config.json and the safetensors, "
+            f"or use {TINY_MODEL_ID!r} for the built-in random test model."
         )
     return Path(_download(text, revision, CHECKPOINT_FILES if weights else PROCESSOR_FILES))
 
@@ -91,7 +97,8 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> str:
         return str(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise ModelNotFoundError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc})."
+            f"{did_you_mean(repo_id)} "
             "Offline, download it elsewhere (e.g. `hf download microsoft/Phi-3-vision-128k-instruct "
             "--local-dir DIR`), copy DIR here and set PHI3V_MODEL=DIR (or pass --model DIR)."
         ) from exc
@@ -194,6 +201,40 @@ def choose_device(device_map: Any = None, device: Any = None) -> torch.device:
     return torch.device(choice)
 
 
+def _cuda_install_hint() -> str:
+    pin = f"torch=={torch.__version__.split('+')[0]}"
+    return (
+        f"install a CUDA build of PyTorch (on Linux PyPI's is one: pip install --force-reinstall '{pin}'; "
+        "see https://pytorch.org/get-started/locally/), or use the CPU (PHI3V_DEVICE=cpu)"
+    )
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse a device this PyTorch cannot use, with what to do instead (a :class:`DeviceError`), before loading."""
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise DeviceError(
+                f"device {str(device)!r} was asked for, but this PyTorch ({torch.__version__}) is built without CUDA; "
+                + _cuda_install_hint()
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(
+                f"device {str(device)!r} was asked for, but PyTorch sees no CUDA GPU (check the driver with "
+                "nvidia-smi, and CUDA_VISIBLE_DEVICES); or use the CPU (PHI3V_DEVICE=cpu)"
+            )
+        if device.index is not None and device.index >= count:
+            raise DeviceError(
+                f"device {str(device)!r} was asked for, but PyTorch sees {count} CUDA GPU{'s' if count > 1 else ''} "
+                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(
+            f"device 'mps' (Apple silicon) was asked for, but this PyTorch ({torch.__version__}) cannot use it "
+            "here (it needs macOS 12.3+ on Apple silicon); use PHI3V_DEVICE=cpu"
+        )
+
+
 def choose_dtype(dtype: Any, device: torch.device, config: Phi3VConfig) -> torch.dtype:
     """bf16 on CUDA and fp32 on CPU unless asked; "auto" = the checkpoint's own dtype."""
     if dtype is None:
@@ -226,7 +267,9 @@ def choose_attn_implementation(requested: str | None, device: torch.device) -> s
         raise ValueError(f"attn_implementation must be 'sdpa', 'eager' or 'flash_attention_2', got {requested!r}")
     if requested == "flash_attention_2":
         if device.type != "cuda":
-            raise ValueError("flash_attention_2 runs on CUDA only; use attn_implementation='sdpa' on CPU")
+            raise DeviceError(
+                f"flash_attention_2 runs on CUDA only, not on {device.type}; use sdpa (PHI3V_ATTN_IMPLEMENTATION=sdpa)"
+            )
         if not flash_attn_available():
             raise OptionalDependencyError("flash-attn", "gpu", "attn_implementation='flash_attention_2'")
     return requested
@@ -292,6 +335,7 @@ def load_model(
     config = Phi3VConfig.from_json_file(directory / "config.json")
     config.name_or_path = os.fspath(path_or_id)
     target_device = choose_device(device_map, device)
+    check_device(target_device)
     target_dtype = choose_dtype(dtype if dtype is not None else torch_dtype, target_device, config)
     config = config.with_attn_implementation(choose_attn_implementation(attn_implementation, target_device))
 

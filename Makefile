@@ -2,19 +2,34 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of PyTorch (a plain `pip install torch` pulls a multi-GB CUDA build). Override on a GPU box:
-#   make TORCH_SPEC='torch' demo
+# PyTorch, installed into .venv before the package. By default the pin below from your pip index (PyPI): on Linux
+# that is the CUDA build (it runs on the CPU too, and pulls several GB of NVIDIA libraries); on macOS and Windows it
+# is the CPU build. For the CPU-only Linux build (a few hundred MB), name PyTorch's CPU index:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo
+# Changing TORCH_SPEC or TORCH_INDEX reinstalls torch in the existing .venv on the next make (no `make clean`).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),$(TORCH_INDEX),your pip index (PyPI: CUDA build on Linux; CPU-only: make TORCH_INDEX=https://download.pytorch.org/whl/cpu))
+# One stamp per choice, so that a new TORCH_SPEC or TORCH_INDEX is a target not yet made.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH_SPEC)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint format clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(BIN)/phi3v-tools: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+
+$(TORCH_STAMP): | $(BIN)/python
+	@echo "make: installing $(TORCH_SPEC) from $(TORCH_FROM)"
+	@if ls $(VENV)/.torch-* >/dev/null 2>&1; then $(BIN)/pip uninstall --quiet --yes torch; fi  # another build
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(BIN)/phi3v-tools: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

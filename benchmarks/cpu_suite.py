@@ -1,6 +1,6 @@
 """The CPU suite in one command: model, runner and surfaces on the tiny checkpoint, one JSON, one PNG plot.
 
-    .venv/bin/pip install 'phi3v-tools[bench]'     # matplotlib, for the plot
+    .venv/bin/pip install -e '.[bench]'     # matplotlib, for the plot
     .venv/bin/python benchmarks/cpu_suite.py        # ~3 minutes on 2 cores
 
 Runs ``model_cpu.py`` (load time, peak RSS, per-stage latency), ``runner_cpu.py`` (concurrency 8 and 32
@@ -54,7 +54,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'phi3v-tools[bench]')")
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
         return False
     runner = results["runner"]
     figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import click
 
-from phi3v_tools.errors import Phi3VToolsError
+from phi3v_tools.errors import Phi3VToolsError, install_command
 from phi3v_tools.model.names import DEFAULT_MODEL_ID
 from phi3v_tools.settings import Settings
 from phi3v_tools.signals import Terminated, ending_line, exit_status, terminate_as_interrupt
@@ -473,7 +473,7 @@ def mcp(transport: str, **options: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     except ModuleNotFoundError as exc:
         raise click.ClickException(
-            f"the MCP server cannot start ({exc}); install it with: pip install 'phi3v-tools[mcp]'"
+            f"the MCP server cannot start ({exc}); install it with: {install_command('mcp')}"
         ) from exc
     try:
         run(settings, transport)

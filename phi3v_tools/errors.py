@@ -74,7 +74,29 @@ class OptionalDependencyError(Phi3VToolsError, ImportError):
     def __init__(self, package: str, extra: str, purpose: str) -> None:
         super().__init__(
             f"{purpose} needs the '{package}' package, which is not installed. "
-            f"Install it with: pip install 'phi3v-tools[{extra}]'"
+            f"Install it with: {install_command(extra)} (the '{extra}' extra of phi3v-tools)"
         )
         self.package = package
         self.extra = extra
+
+
+def install_command(extra: str) -> str:
+    """``pip install`` with the requirements of one of the package's extras, as the installed metadata lists them.
+
+    The package is installed from a clone or from git, not from PyPI, so ``pip install 'phi3v-tools[mcp]'``
+    would fail; the extra's own requirements install into any environment.
+    """
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("phi3v-tools") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    wanted = [
+        req.split(";")[0].strip()
+        for req in requires
+        if ";" in req and req.split(";", 1)[1].replace("'", '"').replace(" ", "") == f'extra=="{extra}"'
+    ]
+    if not wanted:
+        return f"pip install -e '.[{extra}]' (in a clone of phi3v-tools)"
+    return "pip install " + " ".join(f"'{req}'" for req in wanted)

@@ -14,7 +14,7 @@ Setup:
 
     .. code-block:: bash
 
-        pip install 'phi3v-tools[langchain]'
+        pip install -e '.[langchain]'          # in a clone; or 'phi3v-tools[langchain] @ git+URL'
         export PHI3V_MODEL=microsoft/Phi-3-vision-128k-instruct   # or a local checkpoint, or "tiny"
         export PHI3V_ALLOWED_DIRS=/data/images                     # local paths the tools may read
 
@@ -248,7 +248,7 @@ class DescribeImageTool(_Phi3VisionTool):
     """Phi-3-vision ``describe_image``: what one image shows.
 
     Setup:
-        ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
+        The ``langchain`` extra (``pip install -e '.[langchain]'`` in a clone); pick the model with ``PHI3V_MODEL``.
 
     Instantiation:
         .. code-block:: python
@@ -276,7 +276,7 @@ class ReadTextTool(_Phi3VisionTool):
     """Phi-3-vision ``read_text``: the text in one image (OCR), and optionally named fields.
 
     Setup:
-        ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
+        The ``langchain`` extra (``pip install -e '.[langchain]'`` in a clone); pick the model with ``PHI3V_MODEL``.
 
     Instantiation:
         .. code-block:: python
@@ -304,7 +304,7 @@ class ReadTableTool(_Phi3VisionTool):
     """Phi-3-vision ``read_table``: a table, chart or form in one image as columns and rows.
 
     Setup:
-        ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
+        The ``langchain`` extra (``pip install -e '.[langchain]'`` in a clone); pick the model with ``PHI3V_MODEL``.
 
     Instantiation:
         .. code-block:: python
@@ -332,7 +332,7 @@ class CompareImagesTool(_Phi3VisionTool):
     """Phi-3-vision ``compare_images``: how 2 to ``max_compare`` (4 by default) images relate.
 
     Setup:
-        ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
+        The ``langchain`` extra (``pip install -e '.[langchain]'`` in a clone); pick the model with ``PHI3V_MODEL``.
 
     Instantiation:
         .. code-block:: python
@@ -360,7 +360,7 @@ class AskImagesTool(_Phi3VisionTool):
     """Phi-3-vision ``ask_images``: any question about 1 to ``max_compare`` images, optionally answered as JSON.
 
     Setup:
-        ``pip install 'phi3v-tools[langchain]'``; pick the model with ``PHI3V_MODEL``.
+        The ``langchain`` extra (``pip install -e '.[langchain]'`` in a clone); pick the model with ``PHI3V_MODEL``.
 
     Instantiation:
         .. code-block:: python
@@ -404,7 +404,7 @@ class Phi3VisionToolkit(BaseToolkit):
     """The Phi-3-vision tools over one shared toolbox (one model, one store of image handles).
 
     Setup:
-        ``pip install 'phi3v-tools[langchain]'``.
+        The ``langchain`` extra (``pip install -e '.[langchain]'`` in a clone, or see the README's Install).
 
     Instantiation:
         .. code-block:: python

@@ -92,7 +92,9 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> str:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
-        raise OptionalDependencyError("huggingface_hub", "hub", "Downloading from the Hugging Face hub") from exc
+        raise ModelNotFoundError(
+            f"downloading {repo_id!r} needs huggingface_hub, which is not installed: pip install 'huggingface_hub>=1.0'"
+        ) from exc
     try:
         return str(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from phi3v_tools.engine.types import Backend
+from phi3v_tools.image_store import DiskImageStore
 from phi3v_tools.images import ImageRef, ImageStore
 from phi3v_tools.settings import Settings
 from phi3v_tools.tools import (
@@ -43,9 +44,23 @@ def toolbox_from_settings(settings: Settings) -> Toolbox:
     return Toolbox(
         runner,
         settings.image_policy(),
-        store=ImageStore(max_bytes=int(settings.image_store_mb * 2**20)),
+        store=image_store_from_settings(settings),
         max_compare=settings.max_compare,
         schema_limits=settings.schema_limits(),
+    )
+
+
+def image_store_from_settings(settings: Settings) -> ImageStore:
+    """The store of image handles: in memory, and also on disk in ``image_store_dir`` when it is set (handles then
+    outlive the process and are shared by every process using the directory)."""
+    max_bytes = int(settings.image_store_mb * 2**20)
+    if settings.image_store_dir is None:
+        return ImageStore(max_bytes=max_bytes)
+    return DiskImageStore(
+        settings.image_store_dir,
+        max_bytes=max_bytes,
+        max_disk_bytes=int(settings.image_store_disk_mb * 2**20),
+        max_pixels=settings.max_image_pixels,
     )
 
 

@@ -6,8 +6,9 @@ tool commands (describe, read-text, read-table, compare, ask) are built from the
 from the field's description, the result text from the result's ``to_text()`` (``--json``: the result model;
 ``--csv`` where the result has ``to_csv()``). Images are passed through as given and resolved by
 :mod:`phi3v_tools.images` under the allowed-directory policy. stdout carries only the answer; progress (the
-weight-loading bar, the live JSON) and the note on an answer cut at its length limit go to stderr. Handles are
-not printed: they live in one process, and a shell's next command is another.
+weight-loading bar, the live JSON) and the note on an answer cut at its length limit go to stderr. The images a
+command read are kept on disk (``PHI3V_IMAGE_STORE_DIR``, by default ``<cache dir>/images``), so that the handles
+of a ``--json`` result work in the next command, which is another process.
 
 Every command ends the same way, however it ends (an answer, an error, Ctrl-C): the models it loaded are
 closed before the interpreter exits (:func:`shut_down`), so that no engine thread is inside torch while the
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -309,7 +311,10 @@ def run_tool(
     from phi3v_tools.api import toolbox_from_settings
 
     as_json = options.pop("as_json")
-    toolbox = toolbox_from_settings(build_settings(**options))
+    settings = build_settings(**options)
+    if settings.image_store_dir is None:  # each command is a new process: handles live on disk, for the next one
+        settings = replace(settings, image_store_dir=settings.cache_dir / "images")
+    toolbox = toolbox_from_settings(settings)
     live = LiveText(to_stdout=free_text) if not (as_json or as_csv) and is_terminal() else None
 
     async def call_once() -> ToolResult:
@@ -333,7 +338,7 @@ def run_tool(
     if as_csv and isinstance(result, Table):
         click.echo(result.to_csv(), nl=False)
     elif live is None or not (live.to_stdout and live.started):  # else the answer is already on stdout
-        click.echo(result.to_text())  # no handles: they live in this process only, of no use to a shell
+        click.echo(result.to_text())  # the handles are in --json (the text is the answer a script reads)
     if result.call.truncated:  # a note for the reader, outside the answer a script reads
         click.echo(TRUNCATED_NOTE, err=True)
 

@@ -1,5 +1,6 @@
 """Image references -> validated RGB images. The only code in phi3v-tools that reads files or URLs, with the two
-modules beside it that do the reading (:mod:`phi3v_tools.image_files`, :mod:`phi3v_tools.image_urls`).
+modules beside it that do the reading (:mod:`phi3v_tools.image_files`, :mod:`phi3v_tools.image_urls`). The on-disk
+handle store (:mod:`phi3v_tools.image_store`) reads only its own directory, by digest.
 
 A reference is one of: a PIL image or raw bytes (Python callers), an ``image://sha256/<hex>`` handle
 returned by an earlier call, a ``data:image/...;base64,`` URI, bare base64, an ``http(s)://`` URL, a
@@ -218,7 +219,8 @@ def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None) -> Loa
         loaded = store.get(match.group(1)) if store is not None else None
         if loaded is None:
             raise ImageError(
-                f"unknown image handle {text}: it was not seen by this server recently; send the image itself again"
+                f"unknown image handle {text}: it is not among the images seen recently (by this server, or in the "
+                "image store); send the image itself again"
             )
         return loaded
     if text[:5].lower() == "data:":

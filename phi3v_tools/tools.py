@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -31,7 +32,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from phi3v_tools.engine.types import Backend, GenerationRequest, GenerationResult
+from phi3v_tools.engine.types import Backend, GenerationRequest, GenerationResult, Timings
 from phi3v_tools.errors import PromptError
 from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
 from phi3v_tools.model.chat_format import IMAGE_TAG, check_text
@@ -65,7 +66,30 @@ class CallInfo(BaseModel):
     completion_tokens: int = Field(description="Tokens the model generated.")
     cached_images: int = Field(description="Images whose features were reused from an earlier call.")
     truncated: bool = Field(description="True when the answer hit its length limit and was closed early.")
-    seconds: dict[str, float] = Field(description="Time spent: queue, preprocess, vision, prefill, decode, total.")
+    seconds: dict[str, float] = Field(
+        description="Where the call's time went, in parts that add up to total: load (loading the model and "
+        "warming up its grammar engine, on a first call), queue (waiting for the engine, tokenizing, setting up "
+        "the grammar), preprocess (the HD transform), vision, prefill, decode, other (reading the images, checks, "
+        "the result), total (the call)."
+    )
+
+
+def call_seconds(t: Timings, wall: float, load_s: float = 0.0) -> dict[str, float]:
+    """A call's :attr:`CallInfo.seconds`: the engine's timings split so that no part holds another (the engine's
+    queue time includes preprocessing), plus ``load_s`` and what the tool did around them (``other``), adding up
+    to the call's ``wall`` time (or to the engine's total, when that is longer, as for a remote backend's clock)."""
+    parts = {
+        "load": load_s,
+        "queue": max(t.queue_s - t.preprocess_s, 0.0),
+        "preprocess": t.preprocess_s,
+        "vision": t.vision_s,
+        "prefill": t.prefill_s,
+        "decode": t.decode_s,
+    }
+    total = max(wall, t.total_s + load_s, sum(parts.values()))
+    parts["other"] = total - sum(parts.values())
+    parts["total"] = total
+    return {name: round(value, 4) for name, value in parts.items()}
 
 
 class _Answer(BaseModel):
@@ -216,6 +240,8 @@ class Prepared:
 class Toolbox:
     """The five tools over one backend, one image policy and one store of image handles."""
 
+    WARM_UP_WAIT_S = 60.0  # the longest a first call waits for the grammar warm-up before it goes on regardless
+
     def __init__(
         self,
         backend: Backend | Callable[[], Backend],
@@ -343,24 +369,20 @@ class Toolbox:
         request.image_digests = [i.digest for i in images]
         return request
 
-    def result(self, prepared: Prepared, generated: GenerationResult) -> Any:
-        """The tool's result model from the model's answer plus what the tool knows."""
+    def result(
+        self, prepared: Prepared, generated: GenerationResult, *, started: float | None = None, load_s: float = 0.0
+    ) -> Any:
+        """The tool's result model from the model's answer plus what the tool knows. ``started`` (a
+        ``time.perf_counter()`` reading) is when the call began, ``load_s`` how long it waited for the model."""
         cls, images = prepared.result, prepared.images
-        t = generated.timings
+        wall = time.perf_counter() - started if started is not None else 0.0
         call = CallInfo(
             model=self.backend.model_name,
             prompt_tokens=generated.prompt_tokens,
             completion_tokens=generated.completion_tokens,
             cached_images=generated.cached_images,
             truncated=generated.truncated,
-            seconds={
-                "queue": round(t.queue_s, 4),
-                "preprocess": round(t.preprocess_s, 4),
-                "vision": round(t.vision_s, 4),
-                "prefill": round(t.prefill_s, 4),
-                "decode": round(t.decode_s, 4),
-                "total": round(t.total_s, 4),
-            },
+            seconds=call_seconds(generated.timings, wall, load_s),
         )
         for image in images:  # the call succeeded: its images can be referred to by handle from now on
             self.store.add(image)
@@ -381,20 +403,20 @@ class Toolbox:
         self, image: ImageRef, question: str | None = None, detail: Detail = "normal"
     ) -> ImageDescription:
         """What an image shows (focused on ``question`` if given): description, objects, kind, visible text."""
-        return self._run(self.describe_request(image, question, detail))
+        return self._run(self.describe_request, image, question, detail)
 
     def read_text(self, image: ImageRef, fields: Sequence[str] | None = None) -> TextReading:
         """The text in an image (OCR), and optionally named fields such as title and author."""
-        return self._run(self.read_text_request(image, fields))
+        return self._run(self.read_text_request, image, fields)
 
     def read_table(self, image: ImageRef, columns: Sequence[str] | None = None) -> Table:
         """A table or chart as data: columns, rows (one cell per column), title, units, summary. With ``columns``,
         exactly those columns in that order (null where a cell is absent)."""
-        return self._run(self.read_table_request(image, columns))
+        return self._run(self.read_table_request, image, columns)
 
     def compare_images(self, images: Sequence[ImageRef], question: str | None = None) -> ImageComparison:
         """How 2 to ``max_compare`` images relate: summary, similarities, differences."""
-        return self._run(self.compare_request(images, question))
+        return self._run(self.compare_request, images, question)
 
     def ask_images(
         self,
@@ -403,7 +425,7 @@ class Toolbox:
         output_schema: dict[str, Any] | type[BaseModel] | None = None,
     ) -> Answer:
         """Any question about 1 to ``max_compare`` images; with ``output_schema`` the answer conforms to it."""
-        return self._run(self.ask_request(images, question, output_schema))
+        return self._run(self.ask_request, images, question, output_schema)
 
     async def adescribe_image(
         self,
@@ -440,14 +462,31 @@ class Toolbox:
     ) -> Answer:
         return await self._arun(on_text, self.ask_request, images, question, output_schema)
 
-    def _run(self, prepared: Prepared) -> Any:
-        return self.result(prepared, self.backend.generate_sync(prepared.request))
+    def _run(self, prepare: Callable[..., Prepared], *args: Any) -> Any:
+        started = time.perf_counter()
+        prepared = prepare(*args)
+        backend, load_s = self._timed_backend(prepared)
+        generated = backend.generate_sync(prepared.request)
+        return self.result(prepared, generated, started=started, load_s=load_s)
 
     async def _arun(self, on_text: ProgressCallback | None, prepare: Callable[..., Prepared], *args: Any) -> Any:
+        started = time.perf_counter()
         prepared = await asyncio.to_thread(prepare, *args)  # images are read and decoded off the event loop
         prepared.request.on_text = on_text
-        backend = await asyncio.to_thread(lambda: self.backend)  # a first call may load the model: not on the loop
-        return self.result(prepared, await backend.generate(prepared.request))
+        backend, load_s = await asyncio.to_thread(self._timed_backend, prepared)  # a first call may load the model
+        generated = await backend.generate(prepared.request)
+        # Off the loop too: the images join the store, which for a DiskImageStore means encoding and writing PNGs.
+        return await asyncio.to_thread(self.result, prepared, generated, started=started, load_s=load_s)
+
+    def _timed_backend(self, prepared: Prepared) -> tuple[Backend, float]:
+        """The backend, and how long this call waited for it: loading the model and, for a JSON answer, warming up
+        the grammar engine (a local engine's ``wait_until_warm``), on a first call."""
+        started = time.perf_counter()
+        backend = self.backend
+        wait_until_warm = getattr(backend, "wait_until_warm", None)
+        if prepared.request.json_schema is not None and callable(wait_until_warm):
+            wait_until_warm(self.WARM_UP_WAIT_S)
+        return backend, time.perf_counter() - started
 
 
 class _LookUpOnly:

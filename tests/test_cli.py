@@ -375,3 +375,49 @@ def test_the_read_folder_example_exits_1_for_a_folder_without_images(tmp_path: P
         timeout=120,
     )
     assert done.returncode == 1 and "no images in" in done.stderr, done.stderr
+
+
+def test_a_handle_from_one_cli_run_is_an_image_in_the_next_run(
+    tiny_dir: Path, sample_images: dict[str, Path], tmp_path: Path
+) -> None:
+    # Each command is a new process; the handle lives in <cache dir>/images between them. The second run cannot
+    # read the chart's directory (its allowed directory is elsewhere): the image can only come from the store.
+    env = {**os.environ, **ONE_THREAD, "PHI3V_MODEL": str(tiny_dir), "PHI3V_CACHE_DIR": str(tmp_path / "cache")}
+    env = {k: v for k, v in env.items() if k != "PHI3V_IMAGE_STORE_DIR"}
+    chart = sample_images["chart"]
+    first = subprocess.run(
+        [sys.executable, "-m", "phi3v_tools.cli", "read-text", str(chart), "--json", "--allow-dir", str(chart.parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert first.returncode == 0, first.stderr
+    handle = json.loads(first.stdout)["images"][0]["handle"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    second = subprocess.run(
+        [sys.executable, "-m", "phi3v_tools.cli", "describe", handle, "--json", "--detail", "brief"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=elsewhere,
+        stdin=subprocess.DEVNULL,
+    )
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["images"][0]["handle"] == handle
+    stored = list((tmp_path / "cache" / "images").iterdir())
+    assert [p.name for p in stored] == [handle.removeprefix("image://sha256/") + ".png"]
+    assert stored[0].stat().st_mode & 0o777 == 0o600
+    unknown = subprocess.run(
+        [sys.executable, "-m", "phi3v_tools.cli", "describe", "image://sha256/" + "0" * 64],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=elsewhere,
+        stdin=subprocess.DEVNULL,
+    )
+    assert unknown.returncode == 1 and "unknown image handle" in unknown.stderr, unknown.stderr

@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,10 @@ def _check_meta(result: Any, paths: list[Path], model: str) -> None:
     assert [i.handle for i in result.images] == [HANDLE_PREFIX + _digest(p) for p in paths]
     assert result.call.model == model
     assert result.call.prompt_tokens > 0 and result.call.completion_tokens > 0
-    assert set(result.call.seconds) == {"queue", "preprocess", "vision", "prefill", "decode", "total"}
-    assert all(v >= 0 for v in result.call.seconds.values())
+    seconds = result.call.seconds
+    assert set(seconds) == {"load", "queue", "preprocess", "vision", "prefill", "decode", "other", "total"}
+    assert all(v >= 0 for v in seconds.values())
+    assert sum(v for k, v in seconds.items() if k != "total") == pytest.approx(seconds["total"], abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -99,7 +102,7 @@ def test_describe_image_builds_its_request(toolbox: Toolbox, fake: FakeBackend, 
     assert isinstance(result, ImageDescription)
     _check_meta(result, [chart], "fake-phi3v")
     assert result.call.prompt_tokens == 100 and result.call.completion_tokens == 10
-    assert result.call.seconds["total"] == 0.01 and result.call.seconds["decode"] == 0.005
+    assert result.call.seconds["decode"] == 0.005 and result.call.seconds["total"] >= 0.01  # the engine's 0.01 and more
 
 
 @pytest.mark.parametrize(
@@ -575,3 +578,41 @@ def test_the_python_api_uses_the_default_toolbox(
 def test_the_handle_store_of_a_toolbox_from_settings_is_bounded_by_image_store_mb() -> None:
     toolbox = api.toolbox_from_settings(Settings(model="tiny", image_store_mb=1.5))
     assert toolbox.store.max_bytes == int(1.5 * 2**20)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_first_call_accounts_for_loading_the_model_and_every_call_for_all_its_time(
+    fake: FakeBackend, sample_images: dict[str, Path], mode: str
+) -> None:
+    def load() -> FakeBackend:  # the model loads on the first call
+        time.sleep(0.05)
+        return fake
+
+    tools = Toolbox(load, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
+    chart = str(sample_images["chart"])
+    calls = [tools.read_text(chart) if mode == "sync" else asyncio.run(tools.aread_text(chart)) for _ in range(2)]
+    first, second = (c.call.seconds for c in calls)
+    assert first["load"] >= 0.05 and second["load"] == 0.0
+    for seconds in (first, second):
+        parts = sum(v for k, v in seconds.items() if k != "total")
+        assert parts == pytest.approx(seconds["total"], abs=1e-3)  # nothing unaccounted for
+        assert seconds["total"] >= seconds["decode"] + seconds["load"]
+
+
+def test_call_seconds_take_preprocessing_out_of_the_queue_time() -> None:
+    from phi3v_tools.engine.types import Timings
+    from phi3v_tools.tools import call_seconds
+
+    t = Timings(queue_s=0.3, preprocess_s=0.1, vision_s=0.2, prefill_s=0.1, decode_s=0.5, total_s=1.25)
+    seconds = call_seconds(t, wall=1.5, load_s=0.0)
+    assert seconds == {
+        "load": 0.0,
+        "queue": 0.2,
+        "preprocess": 0.1,
+        "vision": 0.2,
+        "prefill": 0.1,
+        "decode": 0.5,
+        "other": 0.4,
+        "total": 1.5,
+    }
+    assert call_seconds(t, wall=0.0)["total"] == 1.25  # no wall time known (a remote clock): the engine's total

@@ -163,6 +163,14 @@ class Engine:
             if not self._closed.is_set():
                 logger.warning("warming up the grammar engine failed (%s); the first JSON request will be slower", exc)
 
+    def wait_until_warm(self, timeout: float | None = None) -> None:
+        """Wait for the grammar engine's one-time warm-up (started by :meth:`load`; about 2 s on a CPU). A first
+        JSON request waits for it anyway, inside its first step; the tools wait here, so that the wait is
+        counted as part of loading in their timings."""
+        warm_up = self._warm_up
+        if warm_up is not None and warm_up is not threading.current_thread():
+            warm_up.join(timeout)
+
     @property
     def closed(self) -> bool:
         return self._closed.is_set()

@@ -18,6 +18,7 @@ from phi3v_tools.image_store import DiskImageStore
 from phi3v_tools.images import ImageRef, ImageStore
 from phi3v_tools.settings import Settings
 from phi3v_tools.tools import (
+    MULTI_IMAGE_NUM_CROPS,
     Answer,
     Detail,
     ImageComparison,
@@ -47,6 +48,9 @@ def toolbox_from_settings(settings: Settings) -> Toolbox:
         store=image_store_from_settings(settings),
         max_compare=settings.max_compare,
         schema_limits=settings.schema_limits(),
+        # PHI3V_NUM_CROPS, when set, is the crops per image of every call, one image or several; unset, several
+        # images get 4 each (the Phi-3.5 card's advice), so that they fit the context.
+        multi_image_num_crops=settings.num_crops or MULTI_IMAGE_NUM_CROPS,
     )
 
 

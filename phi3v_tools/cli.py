@@ -162,7 +162,7 @@ _MODEL_OPTIONS = (
         envvar="PHI3V_NUM_CROPS",
         show_envvar=True,
         type=click.IntRange(1, 16),
-        help="Crops per image. [default: the checkpoint's]",
+        help="Crops per image, one image or several. [default: the checkpoint's for one image, 4 for several]",
     ),
 )
 _IMAGE_OPTIONS = (

@@ -237,6 +237,9 @@ class Prepared:
     fixed: dict[str, Any]
 
 
+MULTI_IMAGE_NUM_CROPS = 4  # crops per image in a call with several (unless PHI3V_NUM_CROPS says otherwise)
+
+
 class Toolbox:
     """The five tools over one backend, one image policy and one store of image handles."""
 
@@ -249,7 +252,7 @@ class Toolbox:
         *,
         store: ImageStore | None = None,
         max_compare: int = 4,
-        multi_image_num_crops: int = 4,
+        multi_image_num_crops: int = MULTI_IMAGE_NUM_CROPS,
         schema_limits: SchemaLimits = DEFAULT_LIMITS,
     ) -> None:
         self._backend = backend

@@ -421,3 +421,15 @@ def test_a_handle_from_one_cli_run_is_an_image_in_the_next_run(
         stdin=subprocess.DEVNULL,
     )
     assert unknown.returncode == 1 and "unknown image handle" in unknown.stderr, unknown.stderr
+
+
+def test_compare_uses_the_crops_asked_for(cli: Callable[..., Result], sample_images: dict[str, Path]) -> None:
+    # --num-crops was once ignored by compare (always 4): fewer crops, fewer image tokens in the prompt.
+    images = [str(sample_images["scene_a"]), str(sample_images["scene_b"])]
+    tokens = {}
+    for crops in ("1", "4"):
+        result = json.loads(_ok(cli("compare", *images, "--num-crops", crops, "--json")))
+        tokens[crops] = result["call"]["prompt_tokens"]
+    assert tokens["1"] < tokens["4"]
+    default = json.loads(_ok(cli("compare", *images, "--json")))["call"]["prompt_tokens"]
+    assert default == tokens["4"]  # unset: 4 each for several images

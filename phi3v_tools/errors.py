@@ -83,7 +83,7 @@ class OptionalDependencyError(Phi3VToolsError, ImportError):
 def install_command(extra: str) -> str:
     """``pip install`` with the requirements of one of the package's extras, as the installed metadata lists them.
 
-    The package is installed from a clone or from git, not from PyPI, so ``pip install 'phi3v-tools[mcp]'``
+    The package is installed from a clone or from git, not from PyPI, so asking pip for ``phi3v-tools[mcp]``
     would fail; the extra's own requirements install into any environment.
     """
     from importlib import metadata

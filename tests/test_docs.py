@@ -59,6 +59,7 @@ def test_a_new_torch_choice_reinstalls_torch_in_the_existing_venv_without_make_c
     assert 'pip install --quiet "torch==2.99.0"' in changed  # a dry run: nothing is installed
     assert "pip uninstall --quiet --yes torch" in changed  # the other build goes first
     assert "installing torch==2.99.0 from your pip index" in changed  # the one line that says what it installs
+    assert "TORCH_SPEC ?= %s" in changed and "torch.mk" in changed  # remembered: a plain make keeps the choice
     cpu = plan("TORCH_INDEX=https://download.pytorch.org/whl/cpu")
     assert '--index-url "https://download.pytorch.org/whl/cpu"' in cpu
     assert "from https://download.pytorch.org/whl/cpu" in cpu

@@ -58,8 +58,8 @@ def image_store_from_settings(settings: Settings) -> ImageStore:
     """The store of image handles: in memory, and also on disk in ``image_store_dir`` when it is set (handles then
     outlive the process and are shared by every process using the directory)."""
     max_bytes = int(settings.image_store_mb * 2**20)
-    if settings.image_store_dir is None:
-        return ImageStore(max_bytes=max_bytes)
+    if settings.image_store_dir is None or settings.image_store_disk_mb == 0 or max_bytes == 0:
+        return ImageStore(max_bytes=max_bytes)  # memory only (an empty memory store keeps no handles at all)
     return DiskImageStore(
         settings.image_store_dir,
         max_bytes=max_bytes,

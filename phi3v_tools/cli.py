@@ -146,23 +146,22 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Options and settings: the one place where PHI3V_* variables meet the command line
 
+# The flags carry no envvar: click would check a PHI3V_* value as if it were the flag (a usage error, exit 2,
+# naming the flag). The variables are read and checked by Settings.from_env instead (one line naming the
+# variable, exit 1); a flag given on the command line overrides its variable.
 _MODEL_OPTIONS = (
     click.option(
         "-m",
         "--model",
-        envvar="PHI3V_MODEL",
-        show_envvar=True,
-        help=f"Checkpoint directory, hub id, or 'tiny' (a random test model). [default: {DEFAULT_MODEL_ID}]",
+        help=f"Checkpoint directory, hub id, or 'tiny' (a random test model). [env: PHI3V_MODEL; default: "
+        f"{DEFAULT_MODEL_ID}]",
     ),
-    click.option(
-        "--device", envvar="PHI3V_DEVICE", show_envvar=True, help="cuda, cuda:1, cpu. [default: CUDA if present]"
-    ),
+    click.option("--device", help="cuda, cuda:1, cpu, mps, auto. [env: PHI3V_DEVICE; default: CUDA if present]"),
     click.option(
         "--num-crops",
-        envvar="PHI3V_NUM_CROPS",
-        show_envvar=True,
         type=click.IntRange(1, 16),
-        help="Crops per image, one image or several. [default: the checkpoint's for one image, 4 for several]",
+        help="Crops per image, one image or several. [env: PHI3V_NUM_CROPS; default: the checkpoint's for one "
+        "image, 4 for several]",
     ),
 )
 _IMAGE_OPTIONS = (
@@ -170,18 +169,15 @@ _IMAGE_OPTIONS = (
         "--allow-dir",
         "allowed_dirs",
         multiple=True,
-        envvar="PHI3V_ALLOWED_DIRS",
-        show_envvar=True,
         type=click.Path(exists=True, file_okay=False, path_type=Path),
-        help="Read local images only under DIR; repeatable. [default: the working directory]",
+        help="Read local images only under DIR; repeatable. [env: PHI3V_ALLOWED_DIRS, ':'-separated; default: "
+        "the working directory]",
     ),
     click.option(
         "--urls/--no-urls",
         "allow_urls",
         default=None,
-        envvar="PHI3V_ALLOW_URLS",
-        show_envvar=True,
-        help="Fetch http(s) image URLs (public addresses only). [default: on]",
+        help="Fetch http(s) image URLs (public addresses only). [env: PHI3V_ALLOW_URLS; default: on]",
     ),
 )
 _JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (the result model).")
@@ -312,7 +308,8 @@ def run_tool(
 
     as_json = options.pop("as_json")
     settings = build_settings(**options)
-    if settings.image_store_dir is None:  # each command is a new process: handles live on disk, for the next one
+    if settings.image_store_dir is None and settings.image_store_disk_mb > 0:  # each command is a new process:
+        # handles live on disk, for the next one (PHI3V_IMAGE_STORE_DISK_MB=0: not kept)
         settings = replace(settings, image_store_dir=settings.cache_dir / "images")
     toolbox = toolbox_from_settings(settings)
     live = LiveText(to_stdout=free_text) if not (as_json or as_csv) and is_terminal() else None
@@ -456,16 +453,12 @@ def info(as_json: bool, **options: Any) -> None:
 
 @main.command()
 @click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True)
-@click.option(
-    "--host", "mcp_host", envvar="PHI3V_MCP_HOST", show_envvar=True, help="HTTP: address to bind. [default: 127.0.0.1]"
-)
+@click.option("--host", "mcp_host", help="HTTP: address to bind. [env: PHI3V_MCP_HOST; default: 127.0.0.1]")
 @click.option(
     "--port",
     "mcp_port",
-    envvar="PHI3V_MCP_PORT",
-    show_envvar=True,
-    type=click.IntRange(1, 65535),
-    help="HTTP: port. [default: 8765]",
+    type=click.IntRange(0, 65535),
+    help="HTTP: port (0: any free one). [env: PHI3V_MCP_PORT; default: 8765]",
 )
 @model_options
 @_apply(*_IMAGE_OPTIONS)
@@ -498,9 +491,11 @@ def mcp(transport: str, **options: Any) -> None:
     show_default=True,
     help="Checkpoint directory, hub id, or 'tiny' (the built-in random test model). Env: PHI3V_MODEL.",
 )
-@click.option("--device", envvar="PHI3V_DEVICE", default=None, help="cuda, cuda:1, cpu (default: CUDA if present).")
-@click.option("--num-crops", envvar="PHI3V_NUM_CROPS", type=click.IntRange(1, 16), help="Crops per image (1-16).")
-@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option(
+    "--device", default=None, help="cuda, cuda:1, cpu, mps, auto. [env: PHI3V_DEVICE; default: CUDA if present]"
+)
+@click.option("--num-crops", type=click.IntRange(1, 16), help="Crops per image. [env: PHI3V_NUM_CROPS]")
+@click.option("--max-new-tokens", type=click.IntRange(1, 2048), default=64, show_default=True)
 def demo(model: str, device: str | None, num_crops: int | None, max_new_tokens: int) -> None:
     """Run the seed notebook's three tasks (chart, book cover, two photos) and a table through the model API."""
     settings = build_settings(model=model, device=device, num_crops=num_crops)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ class Settings:
     # Handles on disk as well (content-addressed PNGs, LRU, 0600): they then outlive the process and are shared by
     # every process using the directory. None: in memory only (servers); the CLI uses <cache_dir>/images.
     image_store_dir: Path | None = None
-    image_store_disk_mb: float = 1024.0  # bytes of PNG files kept in image_store_dir
+    image_store_disk_mb: float = 1024.0  # MiB of PNG files kept in image_store_dir; 0: none (handles in memory only)
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765
@@ -190,8 +190,15 @@ class Settings:
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
-        settings = cls(**values)
-        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        # Defaults that would clash with a limit the caller lowered follow it, rather than refuse what was not set.
+        context = values.get("max_context")
+        if "max_new_tokens" not in values and isinstance(context, int) and context <= cls.max_new_tokens:
+            values["max_new_tokens"] = max(context // 2, 1)
+        images = values.get("max_images")
+        if "max_compare" not in values and isinstance(images, int) and images < cls.max_compare:
+            values["max_compare"] = images
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,7 @@ RANGES: dict[str, Bound] = {
     "prefill_chunk_tokens": Bound(1, 131_072),
     "max_step_images": Bound(1, 1024),
     "max_queue": Bound(1, 1_000_000),  # 0 would refuse everything; there is no "unbounded"
-    "max_images": Bound(1, 64),
+    "max_images": Bound(2, 64),  # compare_images takes two
     "max_new_tokens": Bound(1, 131_072),
     "max_context": Bound(64, 131_072),  # the checkpoints' 128k window
     "request_timeout_s": _SECONDS,
@@ -241,7 +248,7 @@ RANGES: dict[str, Bound] = {
     "url_timeout_s": _SECONDS,
     "max_compare": Bound(2, 64),
     "image_store_mb": Bound(0, 2**20, whole=False),  # 0: no handles kept
-    "image_store_disk_mb": Bound(0, 2**24, whole=False, above=True),
+    "image_store_disk_mb": Bound(0, 2**24, whole=False),  # 0: no disk store, also for the CLI
     "mcp_port": Bound(0, 65535),  # 0: a free port, chosen by the system
     "mcp_max_body_mb": Bound(0, 4096, whole=False, above=True),
     "mcp_shutdown_grace_s": Bound(0, 86_400, whole=False),

@@ -411,6 +411,17 @@ def test_a_handle_from_one_cli_run_is_an_image_in_the_next_run(
     stored = list((tmp_path / "cache" / "images").iterdir())
     assert [p.name for p in stored] == [handle.removeprefix("image://sha256/") + ".png"]
     assert stored[0].stat().st_mode & 0o777 == 0o600
+    off = subprocess.run(  # PHI3V_IMAGE_STORE_DISK_MB=0: nothing is kept on disk
+        [sys.executable, "-m", "phi3v_tools.cli", "read-text", str(sample_images["cover"]), "--json"],
+        env={**env, "PHI3V_IMAGE_STORE_DISK_MB": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=sample_images["cover"].parent,
+        stdin=subprocess.DEVNULL,
+    )
+    assert off.returncode == 0, off.stderr
+    assert len(list((tmp_path / "cache" / "images").iterdir())) == 1
     unknown = subprocess.run(
         [sys.executable, "-m", "phi3v_tools.cli", "describe", "image://sha256/" + "0" * 64],
         env=env,

@@ -298,3 +298,5 @@ def test_toolbox_from_settings_stores_handles_on_disk_only_when_image_store_dir_
     assert on_disk.max_bytes == 3 * 2**20 and on_disk.max_disk_bytes == int(1.5 * 2**20)
     in_memory = api.toolbox_from_settings(Settings(model="tiny")).store
     assert type(in_memory) is ImageStore
+    off = api.toolbox_from_settings(Settings(model="tiny", image_store_dir=tmp_path, image_store_disk_mb=0)).store
+    assert type(off) is ImageStore  # PHI3V_IMAGE_STORE_DISK_MB=0 turns the disk store off, also for the CLI

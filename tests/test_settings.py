@@ -89,6 +89,10 @@ BAD_AT_START = [
     ("PHI3V_MAX_NEW_TOKENS", "0", "PHI3V_MAX_NEW_TOKENS must be a whole number from 1 to 131072, got 0"),
     ("PHI3V_MAX_QUEUE", "0", "PHI3V_MAX_QUEUE must be a whole number from 1 to 1000000, got 0"),
     ("PHI3V_REQUEST_TIMEOUT_S", "0", "PHI3V_REQUEST_TIMEOUT_S must be a number above 0 and at most 86400"),
+    # Variables that also have a flag: checked by Settings (exit 1, naming the variable), not by click as the flag.
+    ("PHI3V_NUM_CROPS", "17", "PHI3V_NUM_CROPS must be a whole number from 1 to 16, got 17"),
+    ("PHI3V_MCP_PORT", "70000", "PHI3V_MCP_PORT must be a whole number from 0 to 65535, got 70000"),
+    ("PHI3V_ALLOW_URLS", "maybe", "PHI3V_ALLOW_URLS must be true or false, got 'maybe'"),
 ]
 COMMANDS = [["-m", "phi3v_tools.cli", "describe", "x.png"], ["-m", "phi3v_tools.cli", "mcp"], ["-m", "phi3v_mcp"]]
 
@@ -136,3 +140,13 @@ def test_every_numeric_setting_has_a_range_and_its_default_is_inside_it() -> Non
     assert numeric == set(RANGES)
     Settings()  # the defaults pass their own checks
     assert Settings(max_queue=1, feature_cache_mb=0, mcp_port=0).max_queue == 1  # the ends are allowed
+
+
+def test_defaults_follow_a_lowered_limit_instead_of_refusing_what_was_not_set() -> None:
+    lowered = Settings.from_env({"PHI3V_MAX_CONTEXT": "1024"})  # the default max_new_tokens (1024) would not fit
+    assert lowered.max_context == 1024 and lowered.max_new_tokens < 1024
+    assert Settings.from_env({"PHI3V_MAX_IMAGES": "3"}).max_compare == 3  # the default 4 would be more
+    with pytest.raises(ValueError, match="PHI3V_MAX_NEW_TOKENS"):  # both given: the clash is the caller's
+        Settings.from_env({"PHI3V_MAX_CONTEXT": "1024", "PHI3V_MAX_NEW_TOKENS": "1024"})
+    with pytest.raises(ValueError, match="PHI3V_MAX_IMAGES must be a whole number from 2"):
+        Settings.from_env({"PHI3V_MAX_IMAGES": "1"})

@@ -18,6 +18,7 @@ interpreter tears down. Ctrl-C exits 130 and SIGTERM 143, with one line on stder
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -41,6 +42,7 @@ from phi3v_tools.tools import TRUNCATED_NOTE, Answer, Table, Toolbox, ToolResult
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 F = TypeVar("F", bound=Callable[..., Any])
 PROGRAM = "phi3v-tools"
+WORKER_PREFIX = "phi3v-cli-worker"  # the threads of a command's event loop (reading images, loading the model)
 THREADS_GRACE_S = 10.0  # how long shut_down waits for the package's background threads to finish
 
 
@@ -65,7 +67,30 @@ class Phi3VGroup(click.Group):
                     shut_down()
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as signals.Terminated
             click.echo(ending_line(PROGRAM, stop), err=True)
+            if _workers_still_busy():  # e.g. loading the model: the interpreter would wait for it at exit
+                _exit_now(exit_status(stop))
             raise click.exceptions.Exit(exit_status(stop)) from None
+
+
+class _NoWaitExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The default executor of a command's event loop. ``asyncio.run`` waits for its executor without a bound
+    when it ends, so Ctrl-C while a worker loads the model (or downloads it) would wait for the load. This one
+    is not waited for; a worker still busy after an interruption makes the command exit at once instead."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=cancel_futures)
+
+
+def _workers_still_busy() -> bool:
+    return any(t.is_alive() and t.name.startswith(WORKER_PREFIX) for t in threading.enumerate())
+
+
+def _exit_now(status: int) -> None:
+    """End the process without the interpreter's teardown, which would join the busy workers first."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)
 
 
 def shut_down() -> None:
@@ -136,10 +161,12 @@ def main() -> None:
       phi3v-tools make-tiny-checkpoint ./tiny        # a test checkpoint in the official layout
 
     \b
-    Images are paths, http(s) URLs, data: URIs, base64, or - for stdin. Local files are
-    read only under --allow-dir (default: the working directory). Each model option also
-    reads its PHI3V_* variable (PHI3V_MODEL, PHI3V_DEVICE, PHI3V_ALLOWED_DIRS, ...).
-    stdout holds only the answer (with --json, only the JSON); progress goes to stderr.
+    Images are paths, http(s) URLs, data: URIs, base64, image://sha256/... handles from an
+    earlier --json result, or - for stdin. Local files are read only under --allow-dir
+    (default: the working directory). Each option also reads its PHI3V_* variable
+    (PHI3V_MODEL, PHI3V_DEVICE, PHI3V_ALLOWED_DIRS, ...). stdout holds only the answer
+    (with --json, only the JSON); progress goes to stderr. Exit status: 0 done, 1 error,
+    2 bad usage, 130 Ctrl-C, 143 SIGTERM.
     """
 
 
@@ -315,6 +342,7 @@ def run_tool(
     live = LiveText(to_stdout=free_text) if not (as_json or as_csv) and is_terminal() else None
 
     async def call_once() -> ToolResult:
+        asyncio.get_running_loop().set_default_executor(_NoWaitExecutor(thread_name_prefix=WORKER_PREFIX))
         return await call(toolbox, live)
 
     try:

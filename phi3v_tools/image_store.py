@@ -109,10 +109,18 @@ class DiskImageStore(ImageStore):
         super().add(loaded)
         if _DIGEST.fullmatch(loaded.digest) is None or self.max_disk_bytes <= 0:
             return
-        try:
-            self._save(loaded)
-        except (OSError, ValueError) as exc:  # ValueError: e.g. a name too long for this file system
-            self._warn("could not write to", exc)
+        for attempt in range(2):
+            try:
+                self._save(loaded)
+                return
+            except FileNotFoundError as exc:  # the directory went away (deleted meanwhile): made again, once
+                with self._disk_lock:
+                    self._ready = False
+                if attempt:
+                    self._warn("could not write to", exc)
+            except (OSError, ValueError) as exc:  # ValueError: e.g. a name too long for this file system
+                self._warn("could not write to", exc)
+                return
 
     def get(self, digest: str) -> LoadedImage | None:
         if _DIGEST.fullmatch(digest) is None:  # before any path is built from it

@@ -378,6 +378,8 @@ class Toolbox:
         """The tool's result model from the model's answer plus what the tool knows. ``started`` (a
         ``time.perf_counter()`` reading) is when the call began, ``load_s`` how long it waited for the model."""
         cls, images = prepared.result, prepared.images
+        for image in images:  # the call succeeded: its images can be referred to by handle from now on
+            self.store.add(image)  # (a DiskImageStore writes PNGs: part of the call's time)
         wall = time.perf_counter() - started if started is not None else 0.0
         call = CallInfo(
             model=self.backend.model_name,
@@ -387,8 +389,6 @@ class Toolbox:
             truncated=generated.truncated,
             seconds=call_seconds(generated.timings, wall, load_s),
         )
-        for image in images:  # the call succeeded: its images can be referred to by handle from now on
-            self.store.add(image)
         infos = [ImageInfo(handle=i.handle, width=i.width, height=i.height) for i in images]
         if cls is Answer:
             answer = generated.parsed if generated.parsed is not None else generated.text.strip()

@@ -283,3 +283,49 @@ def test_a_signal_during_the_demo_exits_130_or_143_with_one_line(
     assert _ending(stderr) == [f"phi3v-tools: {word}"], stderr
     for sign in CRASH_SIGNS:
         assert sign not in stderr
+
+
+SLOW_LOAD = """
+import sys, time
+import phi3v_tools.engine.core as core
+real = core.load_pretrained
+def slow(*args, **kwargs):  # a model that takes a minute to load (a download, a large checkpoint)
+    sys.stderr.write("slow load started\\n")
+    sys.stderr.flush()
+    time.sleep(60)
+    return real(*args, **kwargs)
+core.load_pretrained = slow
+from phi3v_tools.cli import main
+main(sys.argv[1:], prog_name="phi3v-tools")
+"""
+
+
+@pytest.mark.parametrize(("signum", "status", "word"), STOPS, ids=STOP_IDS)
+def test_a_signal_while_the_model_loads_exits_at_once_not_after_the_load(
+    env: dict[str, str], sample_images: dict[str, Path], signum: int, status: int, word: str
+) -> None:
+    chart = sample_images["chart"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD, "describe", str(chart), "--allow-dir", str(chart.parent)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=chart.parent,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        _read_until(proc.stderr.fileno(), lambda data: b"slow load started" in data, START_TIMEOUT_S)
+        proc.send_signal(signum)
+        rc = proc.wait(timeout=CLI_STOP_TIMEOUT_S)  # well before the load's minute is up
+        stderr = proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert rc == status, stderr
+    assert _ending(stderr) == [f"phi3v-tools: {word}"], stderr
+    for sign in CRASH_SIGNS:
+        assert sign not in stderr

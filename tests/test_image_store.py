@@ -300,3 +300,14 @@ def test_toolbox_from_settings_stores_handles_on_disk_only_when_image_store_dir_
     assert type(in_memory) is ImageStore
     off = api.toolbox_from_settings(Settings(model="tiny", image_store_dir=tmp_path, image_store_disk_mb=0)).store
     assert type(off) is ImageStore  # PHI3V_IMAGE_STORE_DISK_MB=0 turns the disk store off, also for the CLI
+
+
+def test_a_directory_deleted_while_serving_is_made_again_at_the_next_write(tmp_path: Path) -> None:
+    import shutil
+
+    store = DiskImageStore(tmp_path / "images")
+    store.add(picture(1))
+    shutil.rmtree(tmp_path / "images")  # e.g. someone cleared the cache
+    later = picture(2)
+    store.add(later)
+    assert stored(tmp_path / "images") == [later.digest + ".png"]

@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from phi3v_tools.errors import Phi3VToolsError
+from phi3v_tools.errors import Phi3VToolsError, install_command
 from phi3v_tools.settings import Settings
 from phi3v_tools.signals import ending_line, exit_status, terminate_as_interrupt
 
@@ -31,10 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"phi3v_mcp: {exc}\n")  # stdout belongs to the protocol
         return 1  # a start-up failure, as servers/README.md documents (2 is argparse's, for bad flags)
 
-    from phi3v_mcp.server import run
-
     try:
         with terminate_as_interrupt():
+            try:
+                from phi3v_mcp.server import run
+            except ModuleNotFoundError as exc:  # the mcp extra is missing
+                sys.stderr.write(
+                    f"phi3v_mcp: the MCP server cannot start ({exc}); install it with: {install_command('mcp')}\n"
+                )
+                return 1
             run(settings, args.transport)
     except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (signals.Terminated): 143, after a graceful drain
         sys.stderr.write(ending_line("phi3v_mcp", stop) + "\n")

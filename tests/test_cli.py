@@ -384,53 +384,36 @@ def test_a_handle_from_one_cli_run_is_an_image_in_the_next_run(
     # read the chart's directory (its allowed directory is elsewhere): the image can only come from the store.
     env = {**os.environ, **ONE_THREAD, "PHI3V_MODEL": str(tiny_dir), "PHI3V_CACHE_DIR": str(tmp_path / "cache")}
     env = {k: v for k, v in env.items() if k != "PHI3V_IMAGE_STORE_DIR"}
-    chart = sample_images["chart"]
-    first = subprocess.run(
-        [sys.executable, "-m", "phi3v_tools.cli", "read-text", str(chart), "--json", "--allow-dir", str(chart.parent)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    assert first.returncode == 0, first.stderr
-    handle = json.loads(first.stdout)["images"][0]["handle"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    second = subprocess.run(
-        [sys.executable, "-m", "phi3v_tools.cli", "describe", handle, "--json", "--detail", "brief"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=elsewhere,
-        stdin=subprocess.DEVNULL,
-    )
+    images = tmp_path / "cache" / "images"
+
+    def run(*args: str, cwd: Path = elsewhere, **extra: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "phi3v_tools.cli", *args]
+        return subprocess.run(
+            command,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+        )
+
+    chart, cover = sample_images["chart"], sample_images["cover"]
+    first = run("read-text", str(chart), "--json", cwd=chart.parent)
+    assert first.returncode == 0, first.stderr
+    handle = json.loads(first.stdout)["images"][0]["handle"]
+    second = run("describe", handle, "--json", "--detail", "brief")
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["images"][0]["handle"] == handle
-    stored = list((tmp_path / "cache" / "images").iterdir())
+    stored = list(images.iterdir())
     assert [p.name for p in stored] == [handle.removeprefix("image://sha256/") + ".png"]
     assert stored[0].stat().st_mode & 0o777 == 0o600
-    off = subprocess.run(  # PHI3V_IMAGE_STORE_DISK_MB=0: nothing is kept on disk
-        [sys.executable, "-m", "phi3v_tools.cli", "read-text", str(sample_images["cover"]), "--json"],
-        env={**env, "PHI3V_IMAGE_STORE_DISK_MB": "0"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=sample_images["cover"].parent,
-        stdin=subprocess.DEVNULL,
-    )
+    off = run("read-text", str(cover), "--json", cwd=cover.parent, PHI3V_IMAGE_STORE_DISK_MB="0")
     assert off.returncode == 0, off.stderr
-    assert len(list((tmp_path / "cache" / "images").iterdir())) == 1
-    unknown = subprocess.run(
-        [sys.executable, "-m", "phi3v_tools.cli", "describe", "image://sha256/" + "0" * 64],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=elsewhere,
-        stdin=subprocess.DEVNULL,
-    )
+    assert len(list(images.iterdir())) == 1  # PHI3V_IMAGE_STORE_DISK_MB=0: nothing more kept on disk
+    unknown = run("describe", "image://sha256/" + "0" * 64)
     assert unknown.returncode == 1 and "unknown image handle" in unknown.stderr, unknown.stderr
 
 

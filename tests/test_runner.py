@@ -292,7 +292,7 @@ def test_an_exception_inside_the_model_fails_the_batch_cleanly(own_runner: Any, 
 
 
 def test_limits_are_checked_when_submitting(own_runner: Any) -> None:
-    runner = own_runner(max_images=2, max_new_tokens=50, max_context=1000)
+    runner = own_runner(max_images=2, max_compare=2, max_new_tokens=50, max_context=1000)
     with pytest.raises(PromptError, match="at most 2"):
         runner.submit(GenerationRequest.from_text("x", [picture(1)] * 3))
     with pytest.raises(PromptError, match="between 1 and 50"):

@@ -34,6 +34,8 @@ LIGHT_MODULES = [
     "phi3v_tools.model.pil",
     "phi3v_tools.digests",
     "phi3v_tools.signals",
+    "phi3v_tools.serving.protocol",
+    "phi3v_tools.serving.app",
     "phi3v_tools.cli",
     "phi3v_mcp.__main__",
 ]

@@ -607,6 +607,7 @@ class Engine:
             stop = constraint.finished
         if not (stop and token in self.stop_ids):
             row.tokens.append(token)
+            stop = stop or output.hit_stop(row, self._text)
         if handle.request.on_text is not None:
             output.stream(row, self._text)
         if stop:
@@ -633,7 +634,9 @@ class Engine:
     def _output(self, row: Row, reason: FinishReason) -> None:
         handle = row.handle
         try:
-            handle.finish(self._result(row, reason))
+            result = self._result(row, reason)
+            output.flush(row, result.text)
+            handle.finish(result)
         except Phi3VToolsError as exc:
             handle.fail(exc)
         except Exception as exc:  # also RecursionError, MemoryError...: this answer fails, nothing else

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from phi3v_tools.engine.row import Row
 from phi3v_tools.engine.types import FinishReason, GenerationResult, Timings
@@ -42,6 +42,22 @@ class TextDeltas:
         return text[len(known) :]
 
 
+def hit_stop(row: Row, decode: Callable[[list[int]], str]) -> bool:
+    """Whether the row's text now contains one of its request's stop sequences. Only the last tokens are decoded:
+    enough for the longest sequence even in byte-fallback tokens (a character may take four)."""
+    stops = row.handle.request.stop
+    if not stops:
+        return False
+    window = decode(row.tokens[-(4 * max(map(len, stops)) + 8) :])
+    return any(s in window for s in stops)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first stop sequence in it (the sequence itself left out, as in OpenAI's API)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(found)] if found else text
+
+
 def stream(row: Row, decode: Callable[[list[int]], str]) -> None:
     """Send the row's new text to its listener; a re-run after a failed step skips what was sent already."""
     if row.text is None:
@@ -54,10 +70,17 @@ def stream(row: Row, decode: Callable[[list[int]], str]) -> None:
     sent = handle.streamed
     if not (row.produced.startswith(sent) or sent.startswith(row.produced)):
         raise GenerationError("the answer changed when it was re-run after a failed step; retry the request")
-    if len(row.produced) <= len(sent):  # a re-run: this part was sent already
+    # With stop sequences, the last characters that could begin one are held back until the text goes on (or
+    # the row finishes: flush() sends them, cut at the sequence), so a stop sequence is never streamed.
+    stops = handle.request.stop
+    ready = row.produced
+    if stops:
+        cut = cut_at_stop(ready, stops)
+        ready = cut if len(cut) < len(ready) else ready[: len(ready) - (max(map(len, stops)) - 1)]
+    if len(ready) <= len(sent):  # a re-run: this part was sent already (or all of it is held back)
         return
-    delta = row.produced[len(sent) :]
-    handle.streamed = row.produced
+    delta = ready[len(sent) :]
+    handle.streamed = ready
     on_text = handle.request.on_text
     try:
         if on_text is not None:
@@ -66,10 +89,28 @@ def stream(row: Row, decode: Callable[[list[int]], str]) -> None:
         logger.exception("a streaming callback failed")
 
 
+def flush(row: Row, text: str) -> None:
+    """Send what a stop request's listener has not had yet of its final ``text`` (held back by :func:`stream`)."""
+    handle = row.handle
+    on_text = handle.request.on_text
+    if on_text is None or not handle.request.stop or not text.startswith(handle.streamed):
+        return
+    rest = text[len(handle.streamed) :]
+    if not rest:
+        return
+    handle.streamed = text
+    try:
+        on_text(rest)
+    except BaseException:  # noqa: BLE001  # as in stream(): a broken listener fails nothing else
+        logger.exception("a streaming callback failed")
+
+
 def make_result(row: Row, reason: FinishReason, decode: Callable[[list[int]], str]) -> GenerationResult:
     """The result of a finished row: its text, and with a schema the parsed value (closed if cut, validated)."""
     handle = row.handle
     text = decode(row.tokens)
+    if handle.request.stop:
+        text = cut_at_stop(text, handle.request.stop)
     parsed = None
     truncated = reason == "length"
     if handle.schema is not None:

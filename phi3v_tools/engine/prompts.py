@@ -66,9 +66,26 @@ def check_request(request: GenerationRequest, limits: EngineLimits) -> None:
         raise PromptError(f"seed must be an integer from 0 to 2^63 - 1, got {seed!r}")
     if request.timeout_s is not None and not number_in(request.timeout_s, 0, 7 * 86400):
         raise PromptError(f"timeout_s must be a number of seconds from 0 to a week, got {request.timeout_s!r}")
+    check_stop(request)
     if request.image_digests is not None and len(request.image_digests) != len(request.images):
         raise PromptError("image_digests must have one entry per image")
     check_messages(request.messages, limits.max_prompt_chars)
+
+
+MAX_STOP = 4  # stop sequences per request, as in OpenAI's API
+MAX_STOP_CHARS = 200
+
+
+def check_stop(request: GenerationRequest) -> None:
+    stop = request.stop
+    if isinstance(stop, str) or not isinstance(stop, list | tuple):
+        raise PromptError("stop must be a list of strings")
+    if len(stop) > MAX_STOP or any(not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS for s in stop):
+        raise PromptError(f"stop takes at most {MAX_STOP} strings of 1 to {MAX_STOP_CHARS} characters")
+    if stop and request.json_schema is not None:
+        raise PromptError("stop sequences cannot be used with a JSON schema: the answer ends where its JSON does")
+    for s in stop:
+        check_text(s, "a stop sequence")
 
 
 def with_image_tags(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:

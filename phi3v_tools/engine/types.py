@@ -50,6 +50,7 @@ class GenerationRequest:
     num_crops: int | None = None  # None: the engine's default
     timeout_s: float | None = None  # None: the engine's default
     image_digests: Sequence[str] | None = None  # precomputed image_digest() values, if the caller has them
+    stop: Sequence[str] = ()  # free text ends before the first of these (not with a json_schema); at most 4
     on_text: Callable[[str], None] | None = None  # streaming: called with each new piece of text (engine thread)
 
     @classmethod

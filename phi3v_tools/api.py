@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -29,6 +29,9 @@ from phi3v_tools.tools import (
     Toolbox,
 )
 
+if TYPE_CHECKING:
+    from phi3v_tools.backends.openai import OpenAIBackend
+
 _DEFAULT: Toolbox | None = None
 _SETTINGS: Settings | None = None
 _LOCK = threading.Lock()
@@ -38,6 +41,8 @@ def toolbox_from_settings(settings: Settings) -> Toolbox:
     """A Toolbox over the process's shared runner for ``settings`` (the model loads on the first call)."""
 
     def runner() -> Backend:
+        if settings.backend == "openai":
+            return remote_backend(settings)
         from phi3v_tools.runner import get_runner  # torch and the model stack load here, on the first call
 
         return get_runner(settings)
@@ -51,6 +56,21 @@ def toolbox_from_settings(settings: Settings) -> Toolbox:
         # PHI3V_NUM_CROPS, when set, is the crops per image of every call, one image or several; unset, several
         # images get 4 each (the Phi-3.5 card's advice), so that they fit the context.
         multi_image_num_crops=settings.num_crops or MULTI_IMAGE_NUM_CROPS,
+    )
+
+
+def remote_backend(settings: Settings) -> OpenAIBackend:
+    """The OpenAI-compatible server of ``PHI3V_BASE_URL`` as a backend (no torch in this process)."""
+    from phi3v_tools.backends.openai import OpenAIBackend
+
+    assert settings.base_url is not None  # Settings checks it for backend "openai"
+    return OpenAIBackend(
+        settings.base_url,
+        api_key=settings.api_key,
+        model=settings.remote_model,
+        timeout_s=settings.remote_timeout_s,
+        max_in_flight=settings.remote_max_in_flight,
+        schema_limits=settings.schema_limits(),
     )
 
 

@@ -463,11 +463,18 @@ for _spec in tool_specs():
 @model_options
 @_JSON_OPTION
 def info(as_json: bool, **options: Any) -> None:
-    """Load the model and show how it runs: device, dtype, attention, num_crops, feature cache."""
-    from phi3v_tools.runner import get_runner
-
+    """Load the model and show how it runs: device, dtype, attention, num_crops, feature cache (with
+    PHI3V_BACKEND=openai: the server, and the models it serves)."""
+    settings = build_settings(**options)
     try:
-        details = get_runner(build_settings(**options)).info()
+        if settings.backend == "openai":
+            from phi3v_tools.api import remote_backend
+
+            details = remote_backend(settings).info()
+        else:
+            from phi3v_tools.runner import get_runner
+
+            details = get_runner(settings).info()
     except Phi3VToolsError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -527,6 +534,10 @@ def mcp(transport: str, **options: Any) -> None:
 def demo(model: str, device: str | None, num_crops: int | None, max_new_tokens: int) -> None:
     """Run the seed notebook's three tasks (chart, book cover, two photos) and a table through the model API."""
     settings = build_settings(model=model, device=device, num_crops=num_crops)
+    if settings.backend != "local":
+        raise click.ClickException(
+            f"the demo runs the model in this process; unset PHI3V_BACKEND (it is {settings.backend!r})"
+        )
     try:
         run_demo(settings, max_new_tokens)
     except Phi3VToolsError as exc:

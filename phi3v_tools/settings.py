@@ -20,6 +20,7 @@ ENV_PREFIX = "PHI3V_"
 DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:[0-9]+)?)$")
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
+BACKENDS = ("local", "openai")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ class Settings:
     """How to load and run the model. Field ``x`` is read from ``PHI3V_X`` by :meth:`from_env`."""
 
     model: str = DEFAULT_MODEL_ID  # checkpoint directory, hub id, or "tiny"
+    # Where the tools' model runs: "local" (this process's engine) or "openai" (an OpenAI-compatible server at
+    # base_url: phi3v-tools serve, vLLM, ...; this process then imports no torch).
+    backend: str = "local"
+    base_url: str | None = None  # e.g. http://gpu-box:8000/v1
+    api_key: str | None = field(default=None, repr=False)  # sent as "Authorization: Bearer <key>" to base_url
+    remote_model: str | None = None  # None: the first id that base_url's /v1/models lists
+    remote_timeout_s: float = 300.0  # one remote call, connect to last byte
+    remote_max_in_flight: int = 64  # calls sent to base_url at once; more wait for a connection
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
     dtype: str | None = None  # "bfloat16", "float32", "auto"; None: bf16 on CUDA, fp32 on CPU
     attn_implementation: str | None = None  # "sdpa", "flash_attention_2", "eager"; None: best available
@@ -132,6 +141,13 @@ class Settings:
         """Every choice and number is checked here, when the settings are made: a bad value stops a command or a
         server at start with one line naming its variable, never at the first call."""
         self.model_config()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"PHI3V_BACKEND must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "openai" and not (self.base_url or "").lower().startswith(("http://", "https://")):
+            raise ValueError(
+                f"PHI3V_BACKEND=openai needs PHI3V_BASE_URL, the server's http(s) URL (e.g. http://gpu-box:8000/v1), "
+                f"got {self.base_url!r}"
+            )
         for name, bound in RANGES.items():
             bound.check(name, getattr(self, name))
         if self.max_new_tokens >= self.max_context:
@@ -249,6 +265,8 @@ RANGES: dict[str, Bound] = {
     "max_compare": Bound(2, 64),
     "image_store_mb": Bound(0, 2**20, whole=False),  # 0: no handles kept
     "image_store_disk_mb": Bound(0, 2**24, whole=False),  # 0: no disk store, also for the CLI
+    "remote_timeout_s": _SECONDS,
+    "remote_max_in_flight": Bound(1, 10_000),
     "mcp_port": Bound(0, 65535),  # 0: a free port, chosen by the system
     "mcp_max_body_mb": Bound(0, 4096, whole=False, above=True),
     "mcp_shutdown_grace_s": Bound(0, 86_400, whole=False),

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +14,14 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-import uvicorn
 
 from phi3v_tools.errors import BusyError
-from phi3v_tools.images import ImagePolicy
 from phi3v_tools.runner import GenerationRequest, GenerationResult, Runner, Timings
-from phi3v_tools.serving.app import OpenAIServer
 from tests.fakes import FakeBackend
+from tests.openai_server import MODEL, Served
 
 openai = pytest.importorskip("openai", reason="the conformance client: pip install -e '.[remote]'")
 
-MODEL = "tiny-test"
 SCHEMA = {
     "type": "object",
     "properties": {"title": {"type": "string", "maxLength": 40}, "pages": {"type": "integer"}},
@@ -42,35 +37,6 @@ def data_uri(path: Path) -> str:
 def image_message(url: str, text: str = "What is in this image?") -> list[dict[str, Any]]:
     content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
     return [{"role": "user", "content": content}]
-
-
-class Served:
-    """``OpenAIServer(backend).app()`` on a free loopback port, in a thread, for the test's lifetime."""
-
-    def __init__(self, backend: Any, policy: ImagePolicy | None = None) -> None:
-        self.server = OpenAIServer(backend, policy or ImagePolicy(allowed_dirs=()), MODEL, max_context=4096)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = uvicorn.Config(self.server.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=10)
-
-    def client(self) -> Any:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

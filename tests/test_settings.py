@@ -150,3 +150,13 @@ def test_defaults_follow_a_lowered_limit_instead_of_refusing_what_was_not_set() 
         Settings.from_env({"PHI3V_MAX_CONTEXT": "1024", "PHI3V_MAX_NEW_TOKENS": "1024"})
     with pytest.raises(ValueError, match="PHI3V_MAX_IMAGES must be a whole number from 2"):
         Settings.from_env({"PHI3V_MAX_IMAGES": "1"})
+
+
+def test_the_remote_backend_needs_an_http_base_url_and_a_known_backend_name() -> None:
+    remote = Settings.from_env({"PHI3V_BACKEND": "openai", "PHI3V_BASE_URL": "http://gpu-box:8000/v1"})
+    assert remote.backend == "openai" and remote.base_url == "http://gpu-box:8000/v1"
+    with pytest.raises(ValueError, match="^PHI3V_BACKEND=openai needs PHI3V_BASE_URL"):
+        Settings.from_env({"PHI3V_BACKEND": "openai"})
+    with pytest.raises(ValueError, match="^PHI3V_BACKEND must be one of local, openai, got 'vllm'"):
+        Settings.from_env({"PHI3V_BACKEND": "vllm"})
+    assert "secret" not in repr(Settings(api_key="secret"))  # a key never shows in a log line

@@ -164,7 +164,8 @@ class RequestHandle:
 class Backend(Protocol):
     """What the tools need from a model server: the local engine, a remote backend, or a fake in tests."""
 
-    model_name: str
+    @property
+    def model_name(self) -> str: ...  # the model that answers (an attribute will do)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
 

@@ -125,16 +125,16 @@ def create_server(settings: Settings, toolbox: Toolbox | None = None) -> MCPServ
         if toolbox is not None:
             yield AppContext(toolbox, settings)
             return
-        from phi3v_tools.runner import get_runner
-
+        tools = toolbox_from_settings(settings)
         started = time.perf_counter()
-        logger.info("loading model %s", settings.model)
-        runner = await anyio.to_thread.run_sync(get_runner, settings)
-        logger.info(
-            "model %s ready on %s in %.1fs", settings.model, runner.info()["device"], time.perf_counter() - started
-        )
-        # The toolbox's factory returns the runner just loaded (get_runner shares one per model per process).
-        yield AppContext(toolbox_from_settings(settings), settings)
+        if settings.backend == "local":
+            logger.info("loading model %s", settings.model)
+        backend = await anyio.to_thread.run_sync(lambda: tools.backend)  # loads the model, or asks the server
+        where = getattr(backend, "base_url", None) or backend.info()["device"]  # type: ignore[attr-defined]
+        name = await anyio.to_thread.run_sync(lambda: backend.model_name)
+        logger.info("model %s ready on %s in %.1fs", name, where, time.perf_counter() - started)
+        # For the local engine, the toolbox's factory returned the runner get_runner shares per model per process.
+        yield AppContext(tools, settings)
 
     max_compare = toolbox.max_compare if toolbox is not None else settings.max_compare
     server: MCPServer[AppContext] = MCPServer(
@@ -437,12 +437,18 @@ def run(settings: Settings, transport: str = "stdio") -> None:
     transport = {"streamable-http": "http", "streamable_http": "http"}.get(transport, transport)
     if transport not in ("stdio", "http"):
         raise ValueError(f"unknown transport {transport!r}; use 'stdio' or 'http'")
-    from phi3v_tools.runner import get_runner
-
     configure_logging()
-    # Load the model before serving: a start-up failure is then one clear error, not an HTTP lifespan traceback.
-    # The server's lifespan gets this same runner from get_runner (one per model per process).
-    get_runner(settings)
+    # Load the model (or reach the remote server) before serving: a start-up failure is then one clear error, not
+    # an HTTP lifespan traceback. The server's lifespan gets this same runner from get_runner (one per model per
+    # process), or asks the remote server again.
+    if settings.backend == "local":
+        from phi3v_tools.runner import get_runner
+
+        get_runner(settings)
+    else:
+        from phi3v_tools.api import remote_backend
+
+        remote_backend(settings).model_name  # noqa: B018  # reachable, and serving a model
     server = create_server(settings)
     try:
         if transport == "stdio":
@@ -450,9 +456,9 @@ def run(settings: Settings, transport: str = "stdio") -> None:
         else:
             _run_http(server, settings)
     finally:
-        from phi3v_tools.runner import close_runners
-
-        close_runners()
+        runner = sys.modules.get("phi3v_tools.runner")  # not imported with a remote backend: nothing to close
+        if runner is not None:
+            runner.close_runners()
 
 
 async def serve_stdio(server: MCPServer[AppContext]) -> None:

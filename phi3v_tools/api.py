@@ -37,8 +37,9 @@ _SETTINGS: Settings | None = None
 _LOCK = threading.Lock()
 
 
-def toolbox_from_settings(settings: Settings) -> Toolbox:
-    """A Toolbox over the process's shared runner for ``settings`` (the model loads on the first call)."""
+def toolbox_from_settings(settings: Settings, backend: Backend | None = None) -> Toolbox:
+    """A Toolbox over ``backend``, or over the backend ``settings`` name: the process's shared runner (the model
+    loads on the first call) or the remote server of ``PHI3V_BASE_URL``."""
 
     def runner() -> Backend:
         if settings.backend == "openai":
@@ -48,7 +49,7 @@ def toolbox_from_settings(settings: Settings) -> Toolbox:
         return get_runner(settings)
 
     return Toolbox(
-        runner,
+        backend if backend is not None else runner,
         settings.image_policy(),
         store=image_store_from_settings(settings),
         max_compare=settings.max_compare,

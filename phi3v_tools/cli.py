@@ -514,6 +514,40 @@ def mcp(transport: str, **options: Any) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command()
+@click.option("--host", "serve_host", help="Address to bind. [env: PHI3V_SERVE_HOST; default: 127.0.0.1]")
+@click.option(
+    "--port",
+    "serve_port",
+    type=click.IntRange(0, 65535),
+    help="Port (0: any free one). [env: PHI3V_SERVE_PORT; default: 8000]",
+)
+@model_options
+@_apply(*_IMAGE_OPTIONS)
+def serve(**options: Any) -> None:
+    """Serve the model over the OpenAI API (/v1/chat/completions, /v1/models) and MCP (/mcp), in one process.
+
+    \b
+    Any OpenAI client (or PHI3V_BACKEND=openai PHI3V_BASE_URL=http://HOST:PORT/v1 for these tools
+    elsewhere) can then use it. Set PHI3V_API_KEY to require "Authorization: Bearer <key>".
+    """
+    settings = build_settings(**options)
+    if settings.backend != "local":
+        raise click.ClickException(
+            f"serve runs the model in this process; unset PHI3V_BACKEND (it is {settings.backend!r})"
+        )
+    try:
+        from phi3v_tools.serving.server import serve as serve_app
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            f"the server cannot start ({exc}); install it with: {install_command('mcp')}"
+        ) from exc
+    try:
+        serve_app(settings)
+    except (Phi3VToolsError, OSError, ValueError) as exc:  # the model not found, the port in use, two tokens, ...
+        raise click.ClickException(str(exc)) from exc
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The seed demo and the tiny checkpoint
 

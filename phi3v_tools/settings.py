@@ -124,6 +124,10 @@ class Settings:
     # every process using the directory. None: in memory only (servers); the CLI uses <cache_dir>/images.
     image_store_dir: Path | None = None
     image_store_disk_mb: float = 1024.0  # MiB of PNG files kept in image_store_dir; 0: none (handles in memory only)
+    # phi3v-tools serve (phi3v_tools.serving): the OpenAI-compatible API and /mcp in one HTTP server. Its
+    # connection limits, body limit, grace period and token are the MCP HTTP server's (mcp_* below).
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765
@@ -267,6 +271,7 @@ RANGES: dict[str, Bound] = {
     "image_store_disk_mb": Bound(0, 2**24, whole=False),  # 0: no disk store, also for the CLI
     "remote_timeout_s": _SECONDS,
     "remote_max_in_flight": Bound(1, 10_000),
+    "serve_port": Bound(0, 65535),
     "mcp_port": Bound(0, 65535),  # 0: a free port, chosen by the system
     "mcp_max_body_mb": Bound(0, 4096, whole=False, above=True),
     "mcp_shutdown_grace_s": Bound(0, 86_400, whole=False),

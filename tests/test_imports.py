@@ -37,6 +37,7 @@ LIGHT_MODULES = [
     "phi3v_tools.serving.protocol",
     "phi3v_tools.serving.app",
     "phi3v_tools.backends.openai",
+    "phi3v_tools.serving.server",
     "phi3v_tools.cli",
     "phi3v_mcp.__main__",
 ]

@@ -88,7 +88,7 @@ class Settings:
     base_url: str | None = None  # e.g. http://gpu-box:8000/v1
     api_key: str | None = field(default=None, repr=False)  # sent as "Authorization: Bearer <key>" to base_url
     remote_model: str | None = None  # None: the first id that base_url's /v1/models lists
-    remote_timeout_s: float = 300.0  # one remote call, connect to last byte
+    remote_timeout_s: float = 330.0  # the longest wait for the server's next bytes (it may take request_timeout_s)
     remote_max_in_flight: int = 64  # calls sent to base_url at once; more wait for a connection
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
     dtype: str | None = None  # "bfloat16", "float32", "auto"; None: bf16 on CUDA, fp32 on CPU
@@ -131,7 +131,8 @@ class Settings:
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765
-    mcp_token: str | None = None  # when set, HTTP clients must send "Authorization: Bearer <token>"
+    # When set, HTTP clients must send "Authorization: Bearer <token>".
+    mcp_token: str | None = field(default=None, repr=False)
     mcp_max_body_mb: float = 40.0  # largest HTTP request body (base64 images are ~4/3 of their file size)
     mcp_shutdown_grace_s: float = 10.0  # on SIGTERM/Ctrl-C, in-flight HTTP calls get this long to finish
     mcp_max_sessions: int = 100  # open MCP sessions (pre-2026 handshake); beyond that the longest-idle one goes

@@ -297,3 +297,11 @@ def test_the_cli_runs_a_tool_and_shows_info_over_the_remote_backend(
     }
     demo = cli("demo")
     assert demo.returncode == 1 and "unset PHI3V_BACKEND" in demo.stderr
+
+
+def test_an_answer_the_server_did_not_complete_is_an_error_not_a_short_success() -> None:
+    cut = completion("half an ans")
+    cut["choices"][0]["finish_reason"] = "abort"  # vLLM's, when it drops a request
+    script = Scripted([(200, cut, {})])
+    with Served(app=script.app()) as running, pytest.raises(GenerationError, match="without completing it"):
+        OpenAIBackend(running.url + "/v1").generate_sync(GenerationRequest.from_text("hi"))

@@ -75,6 +75,12 @@ def serve(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         proc.wait()
 
 
+def test_health_is_200_as_soon_as_it_serves(serve: Serve) -> None:
+    # First in this module: before any completion (a readiness probe's view).
+    ok = httpx.get(serve.url + "/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert ok.status_code == 200 and ok.json() == {"status": "ok"}
+
+
 def test_openai_clients_with_the_key_are_served_and_others_refused(
     serve: Serve, sample_images: dict[str, Path], tiny_dir: Path
 ) -> None:
@@ -122,6 +128,10 @@ def test_the_guards_apply_to_the_openai_paths(serve: Serve) -> None:
     assert httpx.post(serve.url + "/v1/chat/completions", json=big, headers=auth, timeout=30).status_code == 413
     rebound = httpx.get(serve.url + "/v1/models", headers={**auth, "Host": "evil.example"}, timeout=30)
     assert rebound.status_code == 421  # DNS rebinding: a loopback server answers only to its own names
+    page = httpx.get(serve.url + "/v1/models", headers={**auth, "Origin": "https://evil.example"}, timeout=30)
+    assert page.status_code == 403  # a web page elsewhere
+    local = httpx.get(serve.url + "/v1/models", headers={**auth, "Origin": "http://localhost:3000"}, timeout=30)
+    assert local.status_code == 200
     _ = serve.client().models.list()  # and it keeps serving
 
 
@@ -152,3 +162,14 @@ def test_sigterm_stops_the_server_with_143_and_one_line(serve: Serve) -> None:
     log = serve.log.read_text()
     assert log.rstrip().endswith("phi3v-tools: terminated"), log[-2000:]
     assert "Traceback" not in log
+
+
+def test_host_names_are_read_with_ports_and_ipv6_brackets() -> None:
+    from phi3v_tools.serving.server import _hostname
+
+    assert _hostname("localhost:8000") == "localhost" and _hostname("[::1]:8000") == "::1"
+    assert (
+        _hostname("127.0.0.1") == "127.0.0.1"
+        and _hostname("::1") == "::1"
+        and _hostname("EVIL.example") == "evil.example"
+    )

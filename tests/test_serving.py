@@ -193,8 +193,9 @@ def test_another_models_name_is_a_404_naming_the_served_one(served: Served) -> N
 
 
 def test_a_malformed_body_is_a_400_in_openais_error_shape(served: Served) -> None:
+    json_type = {"content-type": "application/json"}
     for body in (b"{not json", b"[1, 2]", json.dumps({"messages": []}).encode()):
-        response = httpx.post(served.url + "/v1/chat/completions", content=body, timeout=30)
+        response = httpx.post(served.url + "/v1/chat/completions", content=body, headers=json_type, timeout=30)
         assert response.status_code == 400
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == 400
@@ -290,3 +291,88 @@ def test_stop_sequences_are_checked_at_submission(tiny_runner: Runner) -> None:
             tiny_runner.submit(GenerationRequest.from_text("x", stop=stop))  # type: ignore[arg-type]
     with pytest.raises(PromptError, match="JSON schema"):
         tiny_runner.submit(GenerationRequest.from_text("x", stop=["}"], json_schema={"type": "object"}))
+
+
+def test_a_body_that_is_not_declared_json_is_a_415_so_a_web_pages_form_post_cannot_start_a_generation(
+    served: Served,
+) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": kind} if kind else {}
+        response = httpx.post(served.url + "/v1/chat/completions", content=body, headers=headers, timeout=30)
+        assert response.status_code == 415 and response.json()["error"]["code"] == 415
+
+
+def test_too_many_images_are_refused_before_any_is_decoded(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    import phi3v_tools.serving.protocol as protocol
+
+    decoded: list[str] = []
+    monkeypatch.setattr(protocol, "load_image", lambda url, policy: decoded.append(url))
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 9
+    with pytest.raises(openai.BadRequestError, match="9 images given; this server takes at most 8") as info:
+        served.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}])  # type: ignore[list-item]
+    assert decoded == [] and isinstance(info.value.body, dict) and info.value.body["param"] == "messages"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": 1},
+        {"logit_bias": {"50256": -100}},
+        {"top_k": 5},
+        {"repetition_penalty": 1.2},
+        {"min_tokens": 3},
+    ],
+)
+def test_sampling_options_this_server_does_not_apply_are_refused_not_dropped(
+    served: Served, extra: dict[str, Any]
+) -> None:
+    with pytest.raises(openai.BadRequestError, match="not supported") as info:
+        served.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body=extra
+        )
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == next(iter(extra))
+
+
+def test_neutral_sampling_options_and_the_developer_role_are_accepted(served: Served) -> None:
+    answer = served.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        presence_penalty=0,
+        frequency_penalty=0,
+    )
+    assert answer.choices[0].message.content is not None
+
+
+def test_a_stream_ends_with_done(served: Served) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    response = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
+    events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and response.headers["content-type"].startswith("text/event-stream")
+
+
+class Waiting(Slow):
+    """Like Slow, but quiet for a while first (queued, prefilling) before any text."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+        return await super().generate(request)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream-before-its-first-piece"])
+def test_a_client_that_leaves_before_any_text_cancels_its_generation(stream: bool) -> None:
+    waiting = Waiting()
+    with Served(waiting) as running:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(running.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        deadline = time.monotonic() + 10
+        while not waiting.ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert waiting.ended == ["cancelled"]

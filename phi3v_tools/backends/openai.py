@@ -188,7 +188,7 @@ class OpenAIBackend:
                 if request.on_text is None:
                     return self._result(await client.chat.completions.create(**body), schema, started)
                 pieces: list[str] = []
-                reason, usage, first = "stop", None, 0.0
+                reason, usage, first = None, None, 0.0
                 options = {"stream": True, "stream_options": {"include_usage": True}}
                 stream = await client.chat.completions.create(**body, **options)
                 async with stream:  # leaving it (a cancelled caller) closes the HTTP stream
@@ -229,8 +229,8 @@ class OpenAIBackend:
 
     def _read_stream(
         self, stream: Any, request: GenerationRequest, pieces: list[str], started: float
-    ) -> tuple[str, Any, float]:
-        reason, usage, first = "stop", None, 0.0
+    ) -> tuple[str | None, Any, float]:
+        reason, usage, first = None, None, 0.0
         for chunk in stream:
             reason, usage, first = self._take(chunk, request, pieces, reason, usage, first, started)
         return reason, usage, first
@@ -240,11 +240,11 @@ class OpenAIBackend:
         chunk: Any,
         request: GenerationRequest,
         pieces: list[str],
-        reason: str,
+        reason: str | None,
         usage: Any,
         first: float,
         started: float,
-    ) -> tuple[str, Any, float]:
+    ) -> tuple[str | None, Any, float]:
         if getattr(chunk, "usage", None) is not None:
             usage = chunk.usage
         for choice in chunk.choices or ():
@@ -268,8 +268,13 @@ class OpenAIBackend:
         )
 
     def _finish(
-        self, text: str, reason: str, usage: Any, first: float, schema: OutputSchema | None, started: float
+        self, text: str, reason: str | None, usage: Any, first: float, schema: OutputSchema | None, started: float
     ) -> GenerationResult:
+        if reason not in ("stop", "length"):  # a stream cut short, vLLM's "abort", a filter: not a whole answer
+            raise GenerationError(
+                f"the model server at {self.base_url} ended the answer without completing it (finish_reason "
+                f"{reason!r}); retry the call"
+            )
         truncated = reason == "length"
         parsed = None
         if schema is not None:
@@ -302,8 +307,8 @@ class OpenAIBackend:
             return RemoteError(f"{where} refused the API key ({message}); set PHI3V_API_KEY to its key")
         if isinstance(exc, o.NotFoundError):
             return ModelNotFoundError(
-                f"{where} does not serve {self._model!r} ({message}); unset PHI3V_REMOTE_MODEL to use the first model "
-                "it lists, or check PHI3V_BASE_URL (it usually ends in /v1)"
+                f"{where} does not serve the model asked for ({message}); unset PHI3V_REMOTE_MODEL to use the first "
+                "model it lists, or check PHI3V_BASE_URL (it usually ends in /v1)"
             )
         if isinstance(exc, o.RateLimitError):
             return BusyError(f"{where} is busy ({message}); retry shortly")

@@ -34,6 +34,7 @@ from phi3v_tools.engine.types import Backend, GenerationRequest, GenerationResul
 from phi3v_tools.errors import (
     BusyError,
     CancelledError,
+    GenerationError,
     ImageError,
     OutOfMemoryError,
     Phi3VToolsError,
@@ -69,12 +70,14 @@ class OpenAIServer:
         *,
         default_max_tokens: int = 512,
         max_context: int | None = None,
+        max_images: int = 8,
     ) -> None:
         self._backend = backend
         self.policy = policy
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.max_context = max_context
+        self.max_images = max_images
         self.created = int(time.time())
         self._lock = asyncio.Lock()
 
@@ -113,6 +116,16 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         try:
+            return await self._chat_completions(request)
+        except Exception:  # a bug of ours: the OpenAI shape, no traceback (it goes to the log)
+            logger.exception("a chat completion failed")
+            return _error("the server failed to answer this request", "InternalServerError", 500)
+
+    async def _chat_completions(self, request: Request) -> Response:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":  # also keeps a web page's form or text/plain POST (no preflight) out
+            return _error("send the request as JSON (Content-Type: application/json)", "BadRequestError", 415)
+        try:
             body = _parse(await request.body())
             if body.model is not None and body.model != self.model_name:
                 return _error(
@@ -122,20 +135,24 @@ class OpenAIServer:
                     "model",
                 )
             generation, _images = await asyncio.to_thread(
-                to_generation_request, body, self.policy, self.default_max_tokens
+                to_generation_request, body, self.policy, self.default_max_tokens, self.max_images
             )
             backend = await self.backend()
             if not body.stream:
-                result = await backend.generate(generation)
-                return JSONResponse(completion_body(result, self.model_name))
+                task = asyncio.ensure_future(backend.generate(generation))
+                if not await _unless_client_leaves(request, task):
+                    return Response(status_code=499)  # nobody reads it; the generation was stopped
+                return JSONResponse(completion_body(task.result(), self.model_name))
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await self._stream(backend, generation, include_usage)
+            return await self._stream(request, backend, generation, include_usage)
         except Phi3VToolsError as exc:
             return error_response(exc)
 
     # -- streaming ----------------------------------------------------------------------------------------------------
 
-    async def _stream(self, backend: Backend, generation: GenerationRequest, include_usage: bool) -> Response:
+    async def _stream(
+        self, request: Request, backend: Backend, generation: GenerationRequest, include_usage: bool
+    ) -> Response:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -145,7 +162,11 @@ class OpenAIServer:
         generation.on_text = on_text
         task: asyncio.Task[GenerationResult] = asyncio.ensure_future(backend.generate(generation))
         task.add_done_callback(lambda _task: pieces.put_nowait(None))
-        first = await pieces.get()
+        waiting = asyncio.ensure_future(pieces.get())
+        if not await _unless_client_leaves(request, waiting):  # left while queued or prefilling
+            task.cancel()
+            return Response(status_code=499)
+        first = waiting.result()
         if first is None and task.exception() is not None:  # refused or failed before any text: a status code
             exc = task.exception()
             if isinstance(exc, Phi3VToolsError):
@@ -166,7 +187,10 @@ class OpenAIServer:
                     piece = await pieces.get()
                 try:
                     result = await task
-                except Phi3VToolsError as exc:  # failed after some text: an error event, as vLLM sends one
+                except Exception as exc:  # failed after some text: an error event, as vLLM sends one
+                    if not isinstance(exc, Phi3VToolsError):
+                        logger.error("a streamed request failed", exc_info=exc)
+                        exc = GenerationError("the server failed to finish this answer")
                     yield sse(_error_parts(exc)[0])
                     yield "data: [DONE]\n\n"
                     return
@@ -179,6 +203,24 @@ class OpenAIServer:
                     task.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _unless_client_leaves(request: Request, work: asyncio.Future[Any]) -> bool:
+    """Wait for ``work``; True when it is done, False (and ``work`` cancelled) when the client went away first."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work.done():
+        return True
+    work.cancel()  # the engine drops the request at its next step
+    return False
 
 
 def _parse(raw: bytes) -> ChatCompletionRequest:
@@ -201,14 +243,14 @@ def _error_parts(exc: Phi3VToolsError) -> tuple[dict[str, Any], int, dict[str, s
     message = str(exc)
     if isinstance(exc, BusyError):
         return error_body(message, "RateLimitError", 429), 429, {"Retry-After": str(RETRY_AFTER_S)}
-    if isinstance(exc, RequestTimeoutError):
-        return error_body(message, "TimeoutError", 504), 504, {}
+    if isinstance(exc, RequestTimeoutError):  # the whole generation timed out: sending it again would too
+        return error_body(message, "TimeoutError", 504), 504, {"x-should-retry": "false"}
     if isinstance(exc, CancelledError):
         return error_body(message, "ServiceUnavailableError", 503), 503, {}
     if isinstance(exc, PromptError | ImageError | OutOfMemoryError):
         param = exc.param if isinstance(exc, ProtocolError) else None
         return error_body(message, "BadRequestError", 400, param), 400, {}
-    return error_body(message, "InternalServerError", 500), 500, {}
+    return error_body(message, "InternalServerError", 500), 500, {"x-should-retry": "false"}
 
 
 def error_response(exc: Phi3VToolsError) -> JSONResponse:

@@ -66,7 +66,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for system
     content: str | list[ContentPart] | None = None
 
 
@@ -106,6 +106,12 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     audio: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    top_k: int | None = None
+    min_tokens: int | None = None
 
     def unsupported(self) -> ProtocolError | None:
         """The first field that would change the answer and that this server cannot honour."""
@@ -119,6 +125,18 @@ class ChatCompletionRequest(_Lenient):
             return ProtocolError("logprobs are not supported by this model server", "logprobs")
         if self.audio is not None:
             return ProtocolError("audio output is not supported: Phi-3-vision answers in text", "audio")
+        defaults = {
+            "presence_penalty": (None, 0, 0.0),
+            "frequency_penalty": (None, 0, 0.0),
+            "repetition_penalty": (None, 1, 1.0),
+            "top_k": (None, 0, -1),
+            "min_tokens": (None, 0),
+        }
+        for name, neutral in defaults.items():
+            if getattr(self, name) not in neutral:
+                return ProtocolError(f"{name} is not supported by this model server; leave it out", name)
+        if self.logit_bias:
+            return ProtocolError("logit_bias is not supported by this model server; leave it out", "logit_bias")
         return None
 
     def stops(self) -> list[str]:
@@ -147,12 +165,16 @@ class ChatCompletionRequest(_Lenient):
 
 
 def to_generation_request(
-    body: ChatCompletionRequest, policy: ImagePolicy, default_max_tokens: int
+    body: ChatCompletionRequest, policy: ImagePolicy, default_max_tokens: int, max_images: int = 8
 ) -> tuple[GenerationRequest, list[LoadedImage]]:
     """The engine request for ``body``: image parts become ``<|image_k|>`` tags in order, their images loaded and
-    checked by the image layer (``data:`` URIs, and ``http(s)`` URLs if ``policy`` allows them)."""
+    checked by the image layer (``data:`` URIs, and ``http(s)`` URLs if ``policy`` allows them). The images are
+    counted before any is decoded or fetched."""
     if (problem := body.unsupported()) is not None:
         raise problem
+    count = sum(isinstance(part, ImagePart) for m in body.messages if isinstance(m.content, list) for part in m.content)
+    if count > max_images:
+        raise ProtocolError(f"{count} images given; this server takes at most {max_images} per request", "messages")
     messages: list[dict[str, str]] = []
     images: list[LoadedImage] = []
     for i, message in enumerate(body.messages):
@@ -176,7 +198,8 @@ def to_generation_request(
                 raise ProtocolError("images belong in user messages", f"messages.{i}.content")
             images.append(_image(part.image_url.url, policy, f"messages.{i}.content"))
             text.append(f"<|image_{len(images)}|>\n")
-        messages.append({"role": message.role, "content": "".join(text)})
+        role = "system" if message.role == "developer" else message.role
+        messages.append({"role": role, "content": "".join(text)})
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     request = GenerationRequest(
         messages=messages,

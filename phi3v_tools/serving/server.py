@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -52,13 +53,30 @@ class _Paths:
             await self.mcp(scope, receive, send)
             return
         if scope["type"] == "http" and self.allowed_hosts is not None:
-            host = Headers(scope=scope).get("host", "").rsplit(":", 1)[0].lower()
+            headers = Headers(scope=scope)
+            host = _hostname(headers.get("host", ""))
+            origin = headers.get("origin")
             if host not in self.allowed_hosts:
                 message = f"Host {host!r} is not this server's (DNS rebinding protection)"
-                body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 421}}
-                await JSONResponse(body, status_code=421)(scope, receive, send)
+                await _refuse(scope, receive, send, 421, message)
+                return
+            if origin is not None and _hostname(urlsplit(origin).netloc) not in self.allowed_hosts:
+                await _refuse(scope, receive, send, 403, f"requests from web pages at {origin!r} are not accepted")
                 return
         await self.openai(scope, receive, send)
+
+
+def _hostname(netloc: str) -> str:
+    """The host of a Host header or an origin's netloc, without port or IPv6 brackets, lower-cased."""
+    netloc = netloc.rsplit("@", 1)[-1].strip().lower()
+    if netloc.startswith("["):
+        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+    await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
 def serving_app(settings: Settings, backend: Backend | None = None) -> ASGIApp:
@@ -80,11 +98,12 @@ def serving_app(settings: Settings, backend: Backend | None = None) -> ASGIApp:
     toolbox = toolbox_from_settings(settings, backend)
     mcp = http_app(create_server(served, toolbox), served)
     routes = OpenAIServer(
-        lambda: toolbox.backend,
+        backend if backend is not None else (lambda: toolbox.backend),
         settings.image_policy(),
         backend.model_name if backend is not None else settings.model,
         default_max_tokens=min(512, settings.max_new_tokens),
         max_context=settings.max_context,
+        max_images=settings.max_images,
     ).app()
     openai: ASGIApp = BodyLimitMiddleware(routes, int(settings.mcp_max_body_mb * 2**20))
     hosts = None

@@ -500,18 +500,10 @@ def info(as_json: bool, **options: Any) -> None:
 def mcp(transport: str, **options: Any) -> None:
     """Serve the tools over MCP: stdio (for desktop clients) or streamable HTTP."""
     settings = build_settings(**options)
-    try:
+    with _server_errors("the MCP server"):
         from phi3v_mcp.server import run
-    except Phi3VToolsError as exc:  # e.g. OptionalDependencyError, with the install command
-        raise click.ClickException(str(exc)) from exc
-    except ModuleNotFoundError as exc:
-        raise click.ClickException(
-            f"the MCP server cannot start ({exc}); install it with: {install_command('mcp')}"
-        ) from exc
-    try:
+
         run(settings, transport)
-    except (Phi3VToolsError, OSError) as exc:  # the model not found, the port in use, ...
-        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -536,15 +528,21 @@ def serve(**options: Any) -> None:
         raise click.ClickException(
             f"serve runs the model in this process; unset PHI3V_BACKEND (it is {settings.backend!r})"
         )
-    try:
+    with _server_errors("the server"):
         from phi3v_tools.serving.server import serve as serve_app
-    except ModuleNotFoundError as exc:
-        raise click.ClickException(
-            f"the server cannot start ({exc}); install it with: {install_command('mcp')}"
-        ) from exc
-    try:
+
         serve_app(settings)
-    except (Phi3VToolsError, OSError, ValueError) as exc:  # the model not found, the port in use, two tokens, ...
+
+
+@contextlib.contextmanager
+def _server_errors(what: str) -> Iterator[None]:
+    """A server's start-up failures as one line: the mcp extra missing (with its install command), the model not
+    found, the port in use, two different tokens, ..."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"{what} cannot start ({exc}); install it with: {install_command('mcp')}") from exc
+    except (Phi3VToolsError, OSError, ValueError) as exc:  # OptionalDependencyError carries its own command
         raise click.ClickException(str(exc)) from exc
 
 

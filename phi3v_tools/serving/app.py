@@ -81,11 +81,16 @@ class OpenAIServer:
         self.created = int(time.time())
         self._lock = asyncio.Lock()
 
+    @property
+    def _loaded(self) -> bool:
+        """Whether the backend is there (not still a factory)."""
+        return hasattr(self._backend, "generate")
+
     async def backend(self) -> Backend:
-        if callable(self._backend) and not hasattr(self._backend, "generate"):
+        if not self._loaded:
             async with self._lock:
-                if callable(self._backend) and not hasattr(self._backend, "generate"):
-                    self._backend = await asyncio.to_thread(self._backend)
+                if not self._loaded:
+                    self._backend = await asyncio.to_thread(self._backend)  # type: ignore[arg-type]
         return self._backend  # type: ignore[return-value]
 
     def app(self) -> Starlette:
@@ -108,7 +113,7 @@ class OpenAIServer:
 
     async def health(self, request: Request) -> Response:
         """200 only while the engine serves (loaded, not closing)."""
-        if callable(self._backend) and not hasattr(self._backend, "generate"):
+        if not self._loaded:
             return JSONResponse({"status": "loading"}, status_code=503)
         if getattr(self._backend, "closed", False):
             return JSONResponse({"status": "closed"}, status_code=503)

@@ -514,6 +514,10 @@ def mcp(transport: str, **options: Any) -> None:
     type=click.IntRange(0, 65535),
     help="Port (0: any free one). [env: PHI3V_SERVE_PORT; default: 8000]",
 )
+@click.option(
+    "--served-model-name",
+    help="The model's id on /v1/models and in answers. [env: PHI3V_SERVED_MODEL_NAME; default: the --model value]",
+)
 @model_options
 @_apply(*_IMAGE_OPTIONS)
 def serve(**options: Any) -> None:
@@ -528,20 +532,20 @@ def serve(**options: Any) -> None:
         raise click.ClickException(
             f"serve runs the model in this process; unset PHI3V_BACKEND (it is {settings.backend!r})"
         )
-    with _server_errors("the server"):
+    with _server_errors("the server", "serve"):
         from phi3v_tools.serving.server import serve as serve_app
 
         serve_app(settings)
 
 
 @contextlib.contextmanager
-def _server_errors(what: str) -> Iterator[None]:
+def _server_errors(what: str, extra: str = "mcp") -> Iterator[None]:
     """A server's start-up failures as one line: the mcp extra missing (with its install command), the model not
     found, the port in use, two different tokens, ..."""
     try:
         yield
     except ModuleNotFoundError as exc:
-        raise click.ClickException(f"{what} cannot start ({exc}); install it with: {install_command('mcp')}") from exc
+        raise click.ClickException(f"{what} cannot start ({exc}); install it with: {install_command(extra)}") from exc
     except (Phi3VToolsError, OSError, ValueError) as exc:  # OptionalDependencyError carries its own command
         raise click.ClickException(str(exc)) from exc
 

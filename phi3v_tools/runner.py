@@ -18,9 +18,13 @@ import logging
 import threading
 from dataclasses import fields
 
-from phi3v_tools.engine.core import Engine, TextStream, load_pretrained
-from phi3v_tools.engine.output import TextDeltas
-from phi3v_tools.engine.types import (
+from phi3v_tools.errors import require_local
+
+require_local()  # a tools-only install (no torch): one line saying what to install, before the imports below fail
+
+from phi3v_tools.engine.core import Engine, TextStream, load_pretrained  # noqa: E402
+from phi3v_tools.engine.output import TextDeltas  # noqa: E402
+from phi3v_tools.engine.types import (  # noqa: E402
     DEFAULT_MAX_NEW_TOKENS,
     WATCHDOG_GRACE_S,
     Backend,
@@ -30,7 +34,7 @@ from phi3v_tools.engine.types import (
     RequestHandle,
     Timings,
 )
-from phi3v_tools.settings import ModelConfig, Settings
+from phi3v_tools.settings import ModelConfig, Settings  # noqa: E402
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",

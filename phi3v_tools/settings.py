@@ -128,6 +128,7 @@ class Settings:
     # connection limits, body limit, grace period and token are the MCP HTTP server's (mcp_* below).
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
+    served_model_name: str | None = None  # the id /v1/models lists and answers carry; None: ``model`` as given
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765

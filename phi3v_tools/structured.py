@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from phi3v_tools.errors import GenerationError, PromptError
+from phi3v_tools.errors import GenerationError, OptionalDependencyError, PromptError
 
 DEFAULT_MAX_STRING = 2000  # characters in any string the model writes
 DEFAULT_MAX_ITEMS = 64  # entries in any array or free-form object
@@ -382,8 +382,11 @@ def _regex(pattern: str, what: str) -> Any:
     matcher is new each time (copies of one matcher share its pool of regex states, which wears out).
     """
     global _REGEX_TOKENIZER
-    import llguidance
-    from llguidance._tokenizer import TokenizerWrapper
+    try:
+        import llguidance
+        from llguidance._tokenizer import TokenizerWrapper
+    except ImportError:  # a tools-only install: the only regex engine we trust with a caller's pattern is absent
+        raise OptionalDependencyError("llguidance", "local", f"{what[:1].upper()}{what[1:]}", alone=True) from None
 
     with _REGEX_LOCK:
         if _REGEX_TOKENIZER is None:

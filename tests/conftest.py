@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,9 +88,60 @@ def toolbox(fake: FakeBackend, sample_images: dict[str, Path]) -> Toolbox:
 
 
 @pytest.fixture(scope="session")
-def tiny_toolbox(tiny_runner: Runner, sample_images: dict[str, Path]) -> Toolbox:
-    """The tools over the tiny runner; local paths are allowed under the sample images' folder."""
+def local_tiny_toolbox(tiny_runner: Runner, sample_images: dict[str, Path]) -> Toolbox:
+    """The tools over the tiny runner in this process; local paths are allowed under the sample images' folder.
+    For tests of what only an in-process engine has (its feature cache, its queue)."""
     return Toolbox(tiny_runner, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``phi3v-tools serve`` on the tiny model, in a subprocess on a free loopback port; yields its base URL."""
+    pytest.importorskip("openai", reason="the remote backend's client: pip install -e '.[remote]'")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHI3V_")}
+    env.update(
+        PHI3V_MODEL=str(tiny_dir), PHI3V_BATCH_WINDOW_MS="20", PHI3V_SERVED_MODEL_NAME="tiny", OMP_NUM_THREADS="1"
+    )
+    log = tmp_path_factory.mktemp("tiny-server") / "serve.log"
+    with open(log, "w") as out:
+        command = [sys.executable, "-m", "phi3v_tools.cli", "serve", "--port", str(port)]
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, f"phi3v-tools serve exited: {log.read_text()}"
+            assert time.monotonic() < deadline, f"phi3v-tools serve did not get healthy: {log.read_text()}"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session", params=["local", "remote"])
+def tiny_toolbox(request: pytest.FixtureRequest, sample_images: dict[str, Path]) -> Toolbox:
+    """The tools over the tiny model, once in this process and once through the remote backend against
+    ``phi3v-tools serve`` (a subprocess): the tests that take it run on both backends."""
+    if request.param == "local":
+        toolbox: Toolbox = request.getfixturevalue("local_tiny_toolbox")
+        return toolbox
+    from phi3v_tools.backends.openai import OpenAIBackend
+
+    backend = OpenAIBackend(request.getfixturevalue("tiny_server") + "/v1")
+    return Toolbox(backend, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
 
 
 @pytest.fixture(scope="session")

@@ -235,12 +235,18 @@ def _server_env(tiny_dir: Path, folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "remote"])
 async def test_stdio_subprocess_round_trip_lists_tools_and_describes_an_image(
-    tiny_dir: Path, sample_images: dict[str, Path], tmp_path: Path
+    backend: str, tiny_dir: Path, sample_images: dict[str, Path], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    params = StdioServerParameters(
-        command=sys.executable, args=["-m", "phi3v_mcp"], env=_server_env(tiny_dir, sample_images["chart"].parent)
-    )
+    """``python -m phi3v_mcp`` with the model in it, and ``PHI3V_BACKEND=openai phi3v-tools mcp`` against a
+    ``phi3v-tools serve`` process."""
+    env = _server_env(tiny_dir, sample_images["chart"].parent)
+    args, model = ["-m", "phi3v_mcp"], str(tiny_dir)
+    if backend == "remote":
+        env.update(PHI3V_BACKEND="openai", PHI3V_BASE_URL=request.getfixturevalue("tiny_server") + "/v1")
+        args, model = ["-m", "phi3v_tools.cli", "mcp"], "tiny"
+    params = StdioServerParameters(command=sys.executable, args=args, env=env)
     log = tmp_path / "server.log"
     generating = anyio.Event()
 
@@ -268,7 +274,7 @@ async def test_stdio_subprocess_round_trip_lists_tools_and_describes_an_image(
     assert {tool.name for tool in listed.tools} == set(TOOLS)
     assert not result.is_error, text_of(result) + log.read_text()
     description = ImageDescription.model_validate(result.structured_content)
-    assert description.call.model == str(tiny_dir)
+    assert description.call.model == model
     assert description.images[0].width == 640
 
 

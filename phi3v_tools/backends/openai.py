@@ -295,6 +295,7 @@ class OpenAIBackend:
             finish_reason="length" if truncated else "stop",
             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            cached_images=_count(getattr(usage, "cached_images", 0)),  # phi3v-tools serve's; other servers: 0
             timings=Timings(decode_s=max(total - first, 0.0), total_s=total, first_token_s=first),
         )
 
@@ -371,3 +372,8 @@ def png_data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _count(value: Any) -> int:
+    """A server's count as an int, 0 for anything else (a field another server may fill differently)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

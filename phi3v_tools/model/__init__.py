@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from phi3v_tools.errors import require_local
+
 if TYPE_CHECKING:
     from phi3v_tools.model.checkpoint import load_model, resolve_checkpoint
     from phi3v_tools.model.config import Phi3VConfig
@@ -62,6 +64,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if module != "names":
+        require_local()  # one line naming what to install, not a ModuleNotFoundError from deep inside
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

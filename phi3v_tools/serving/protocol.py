@@ -239,10 +239,13 @@ def completion_id() -> str:
 
 
 def usage(result: GenerationResult) -> dict[str, int]:
+    """OpenAI's usage, and one field of ours: ``cached_images``, the images whose features came from the
+    server's cache (clients ignore a field they do not know; the remote backend reports it in ``call``)."""
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "cached_images": result.cached_images,
     }
 
 

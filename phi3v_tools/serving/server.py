@@ -100,7 +100,7 @@ def serving_app(settings: Settings, backend: Backend | None = None) -> ASGIApp:
     routes = OpenAIServer(
         backend if backend is not None else (lambda: toolbox.backend),
         settings.image_policy(),
-        backend.model_name if backend is not None else settings.model,
+        settings.served_model_name or (backend.model_name if backend is not None else settings.model),
         default_max_tokens=min(512, settings.max_new_tokens),
         max_context=settings.max_context,
         max_images=settings.max_images,

@@ -88,6 +88,31 @@ def test_streaming_over_the_server_reports_pieces_that_add_up_to_the_answer(
     assert len(pieces) > 1 and "".join(pieces).strip() == answer.answer
 
 
+def test_an_image_sent_again_is_encoded_once_and_the_encodings_kept_are_bounded(
+    served: Served, sample_images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phi3v_tools.backends import openai as remote
+
+    encoded: list[tuple[int, int]] = []
+    real = remote.png_data_uri
+
+    def counting(image: Any) -> str:
+        encoded.append(image.size)
+        return real(image)
+
+    monkeypatch.setattr(remote, "png_data_uri", counting)
+    backend = OpenAIBackend(served.url + "/v1")
+    toolbox = Toolbox(backend, ImagePolicy(allowed_dirs=(sample_images["chart"].parent,)))
+    first = toolbox.describe_image(sample_images["chart"], detail="brief")
+    again = toolbox.ask_images(first.images[0].handle, "What colour are the bars?")
+    assert len(encoded) == 1 and again.call.cached_images == 1  # one encoding; the server's cache hit too
+    monkeypatch.setattr(remote, "URI_CACHE_BYTES", backend._uri_bytes + 10)  # room for the chart's alone
+    toolbox.describe_image(sample_images["cover"], detail="brief")
+    assert backend._uri_bytes <= remote.URI_CACHE_BYTES and len(backend._uris) == 1  # the chart's went out
+    toolbox.describe_image(sample_images["chart"], detail="brief")
+    assert len(encoded) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Servers that misbehave
 

@@ -3,7 +3,8 @@ or any server of ``/v1/chat/completions``. This process imports no torch, tokeni
 
 - Images were loaded and checked by this process's image layer; they go as PNG ``data:`` URIs in ``image_url``
   parts, where the request's ``<|image_k|>`` tags stand (or before the last user message's text, as the local
-  engine places untagged images). A caller's URL is never forwarded.
+  engine places untagged images). A caller's URL is never forwarded. An image sent again (a chained call by
+  handle) reuses its encoding, found by its digest in a bounded cache.
 - A JSON schema goes as ``response_format: {"type": "json_schema", ...}`` and the answer is validated here
   anyway (vLLM answers unconstrained when it ignores a field): an answer cut at its length limit is closed and
   completed as the local engine does; one that does not validate is a :class:`GenerationError`.
@@ -28,6 +29,7 @@ import json
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,7 @@ __all__ = ["OpenAIBackend", "RemoteError"]
 
 MAX_RETRIES = 3  # the client's retries on connection errors, 408, 429 and 5xx, with exponential backoff
 CONNECT_TIMEOUT_S = 10.0
+URI_CACHE_BYTES = 64 * 2**20  # data URIs kept for images sent again (a 12-Mpx photo's is about 20 MB)
 
 
 class RemoteError(Phi3VToolsError):
@@ -87,6 +90,8 @@ class OpenAIBackend:
         self.schema_limits = schema_limits
         self._lock = threading.Lock()
         self._sync: Any = None
+        self._uris: OrderedDict[str, str] = OrderedDict()  # image digest -> its data URI
+        self._uri_bytes = 0
         self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
@@ -204,7 +209,7 @@ class OpenAIBackend:
         schema = prepare_schema(request.json_schema, self.schema_limits) if request.json_schema is not None else None
         body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": to_openai_messages(request.messages, request.images),
+            "messages": to_openai_messages(request.messages, request.images, self._data_uris(request)),
             "max_tokens": request.max_new_tokens or 512,
             "temperature": request.temperature,
         }
@@ -224,6 +229,29 @@ class OpenAIBackend:
         if request.num_crops is not None:
             body["extra_body"] = {"mm_processor_kwargs": {"num_crops": request.num_crops}}  # vLLM's and ours
         return body, schema
+
+    def _data_uris(self, request: GenerationRequest) -> list[str]:
+        """The images as PNG data URIs, encoded once per image: a chained call (the same handle again) finds its
+        URI by the image's digest (bounded: ``URI_CACHE_BYTES``, least recently used out first)."""
+        images, digests = list(request.images), list(request.image_digests or ())
+        if len(digests) != len(images):
+            return [png_data_uri(image) for image in images]
+        uris = []
+        for image, digest in zip(images, digests, strict=True):
+            with self._lock:
+                uri = self._uris.get(digest)
+                if uri is not None:
+                    self._uris.move_to_end(digest)
+            if uri is None:
+                uri = png_data_uri(image)
+                with self._lock:
+                    if digest not in self._uris and len(uri) <= URI_CACHE_BYTES:
+                        self._uris[digest] = uri
+                        self._uri_bytes += len(uri)
+                        while self._uri_bytes > URI_CACHE_BYTES:
+                            self._uri_bytes -= len(self._uris.popitem(last=False)[1])
+            uris.append(uri)
+        return uris
 
     # -- results ------------------------------------------------------------------------------------------------------
 
@@ -333,10 +361,14 @@ def _message(exc: Exception) -> str:
     return str(exc)[:500]
 
 
-def to_openai_messages(messages: list[dict[str, str]], images: Any) -> list[dict[str, Any]]:
+def to_openai_messages(
+    messages: list[dict[str, str]], images: Any, uris: list[str] | None = None
+) -> list[dict[str, Any]]:
     """OpenAI messages with ``image_url`` parts where the ``<|image_k|>`` tags stand (untagged images: before the
-    last user message's text, where the local engine would place them)."""
-    uris = [png_data_uri(image) for image in images]
+    last user message's text, where the local engine would place them). ``uris``: the images' data URIs, if made
+    already."""
+    if uris is None:
+        uris = [png_data_uri(image) for image in images]
     tagged = any(IMAGE_TAG.search(m.get("content", "")) for m in messages)
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
     if uris and not tagged and last_user < 0:

@@ -132,6 +132,8 @@ class Settings:
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765
+    # Host names HTTP requests may name besides loopback and this machine's (DNS-rebinding protection); "*": any.
+    mcp_allowed_hosts: tuple[str, ...] = ()
     # When set, HTTP clients must send "Authorization: Bearer <token>".
     mcp_token: str | None = field(default=None, repr=False)
     mcp_max_body_mb: float = 40.0  # largest HTTP request body (base64 images are ~4/3 of their file size)
@@ -206,6 +208,8 @@ class Settings:
                 values[f.name] = Path(raw).expanduser()
             elif f.name == "allowed_dirs":
                 values[f.name] = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
+            elif f.name == "mcp_allowed_hosts":
+                values[f.name] = tuple(h.strip() for h in raw.split(",") if h.strip())
             elif f.name == "allow_urls":
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ValueError(f"{ENV_PREFIX}ALLOW_URLS must be true or false, got {raw!r}")

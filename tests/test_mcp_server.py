@@ -286,6 +286,43 @@ POST_HEADERS = {"content-type": "application/json", "accept": "application/json,
 LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
 
 
+@pytest.mark.parametrize(
+    ("bound", "allowed", "accepted", "refused"),
+    [
+        ("127.0.0.1", (), ["127.0.0.1:8765", "localhost:8765", "[::1]:8765"], ["evil.example:8765", "THIS"]),
+        ("0.0.0.0", (), ["THIS", "localhost:80", "localhost"], ["evil.example:8765", "gpu.example:8765"]),
+        ("0.0.0.0", ("gpu.example", "Proxy.Example"), ["gpu.example:8765", "proxy.example"], ["evil.example"]),
+        ("10.1.2.3", (), ["10.1.2.3:8765", "127.0.0.1:1"], ["evil.example:8765", "10.1.2.4:8765"]),
+        ("0.0.0.0", ("*",), ["evil.example:8765", "THIS"], []),
+    ],
+    ids=["loopback", "wildcard", "wildcard+named", "one address", "any"],
+)
+def test_the_host_check_takes_this_machines_names_on_a_wildcard_bind_and_the_names_configured(
+    settings: Settings,
+    toolbox: Toolbox,
+    bound: str,
+    allowed: tuple[str, ...],
+    accepted: list[str],
+    refused: list[str],
+) -> None:
+    """DNS-rebinding protection: a Host naming another site is refused (421), on any bind; on 0.0.0.0 the
+    machine's own name is not (``http://gpu-box:8765/mcp`` from the network works)."""
+    this = f"{socket.gethostname().lower()}:8765"
+    settings = replace(settings, mcp_host=bound, mcp_allowed_hosts=allowed)
+    with http_server(settings, toolbox) as url, httpx2.Client(timeout=10) as http:
+        for host in [this if h == "THIS" else h for h in accepted]:
+            answer = http.post(url, json=LIST_TOOLS, headers={**POST_HEADERS, "host": host})
+            assert answer.status_code != 421, (host, answer.text)
+        for host in [this if h == "THIS" else h for h in refused]:
+            answer = http.post(url, json=LIST_TOOLS, headers={**POST_HEADERS, "host": host})
+            assert answer.status_code == 421, (host, answer.text)
+        page = http.post(url, json=LIST_TOOLS, headers={**POST_HEADERS, "origin": "http://evil.example"})
+        if "*" in allowed:
+            assert page.status_code not in (403, 421), page.text
+        else:
+            assert page.status_code == 403, page.text
+
+
 @pytest.mark.slow
 async def test_http_round_trip_needs_the_bearer_token_refuses_foreign_hosts_and_large_bodies(
     settings: Settings, tiny_toolbox: Toolbox, sample_images: dict[str, Path]

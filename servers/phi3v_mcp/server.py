@@ -392,16 +392,47 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def allowed_hosts(settings: Settings) -> list[str] | None:
+    """The names a request's ``Host`` (and a browser's ``Origin``) may carry, without port or brackets; None when
+    ``PHI3V_MCP_ALLOWED_HOSTS`` is ``*`` (the check is off: a proxy in front checks, or the token is enough).
+
+    Always the loopback names, and ``PHI3V_MCP_ALLOWED_HOSTS``. A specific address bound adds itself; a wildcard
+    bind (``0.0.0.0``, ``::``) adds this machine's host name, its fully qualified name and their addresses, so
+    that ``http://gpu-box:8000`` works from the network. A name that only resolves here (an attacker's domain
+    rebound to this machine, the DNS-rebinding attack) is refused with 421.
+    """
+    extra = [h.strip().strip("[]").lower() for h in settings.mcp_allowed_hosts if h.strip()]
+    if "*" in extra:
+        return None
+    hosts = [h.strip("[]") for h in LOOPBACK_HOSTS]
+    bound = settings.mcp_host.strip("[]")
+    if bound in ("0.0.0.0", "::", ""):
+        hosts += _this_machine()
+    elif not _is_loopback(bound):
+        hosts.append(bound.lower())
+    return list(dict.fromkeys(hosts + extra))
+
+
+def _this_machine() -> list[str]:
+    """This machine's host name, its fully qualified name and their addresses (best effort: no DNS wait)."""
+    names = [socket.gethostname(), socket.getfqdn()]
+    addresses: list[str] = []
+    with contextlib.suppress(OSError):
+        addresses = socket.gethostbyname_ex(names[0])[2]
+    return [n.lower() for n in names + addresses if n]
+
+
 def transport_security(settings: Settings) -> TransportSecuritySettings:
-    """DNS-rebinding protection: Host and Origin must name this machine's loopback (or the bound address)."""
-    hosts = list(LOOPBACK_HOSTS)
-    bound = settings.mcp_host
-    if bound not in ("0.0.0.0", "::", "") and not _is_loopback(bound):
-        hosts.append(f"[{bound}]" if ":" in bound else bound)
+    """The SDK's DNS-rebinding protection over :func:`allowed_hosts` (Host and Origin, any port)."""
+    hosts = allowed_hosts(settings)
+    if hosts is None:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    named = [f"[{h}]" if ":" in h else h for h in hosts]
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
-        allowed_hosts=[f"{h}:*" for h in hosts],
-        allowed_origins=[f"{scheme}://{h}:*" for h in hosts for scheme in ("http", "https")],
+        allowed_hosts=[f"{h}:*" for h in named] + named,
+        allowed_origins=[f"{scheme}://{h}:*" for h in named for scheme in ("http", "https")]
+        + [f"{scheme}://{h}" for h in named for scheme in ("http", "https")],
     )
 
 

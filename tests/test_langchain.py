@@ -164,27 +164,27 @@ class TestAskImagesToolUnit(_Ask, ToolsUnitTests):
 
 class TestDescribeImageToolIntegration(_Describe, ToolsIntegrationTests):
     pytestmark = ASYNC_SUITE
-    toolbox_fixture = "tiny_toolbox"
+    toolbox_fixture = "local_tiny_toolbox"
 
 
 class TestReadTextToolIntegration(_Read, ToolsIntegrationTests):
     pytestmark = ASYNC_SUITE
-    toolbox_fixture = "tiny_toolbox"
+    toolbox_fixture = "local_tiny_toolbox"
 
 
 class TestReadTableToolIntegration(_Table, ToolsIntegrationTests):
     pytestmark = ASYNC_SUITE
-    toolbox_fixture = "tiny_toolbox"
+    toolbox_fixture = "local_tiny_toolbox"
 
 
 class TestCompareImagesToolIntegration(_Compare, ToolsIntegrationTests):
     pytestmark = ASYNC_SUITE
-    toolbox_fixture = "tiny_toolbox"
+    toolbox_fixture = "local_tiny_toolbox"
 
 
 class TestAskImagesToolIntegration(_Ask, ToolsIntegrationTests):
     pytestmark = ASYNC_SUITE
-    toolbox_fixture = "tiny_toolbox"
+    toolbox_fixture = "local_tiny_toolbox"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

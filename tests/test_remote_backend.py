@@ -123,9 +123,11 @@ class Scripted:
     def __init__(self, script: list[tuple[int, Any, dict[str, str]]]) -> None:
         self.script = script
         self.calls = 0
+        self.peers: list[int | None] = []  # the client's port per call: one connection, one port
 
     async def chat(self, request: Request) -> Response:
         self.calls += 1
+        self.peers.append(request.client.port if request.client else None)
         status, body, headers = self.script[min(self.calls, len(self.script)) - 1]
         return JSONResponse(body, status_code=status, headers=headers)
 
@@ -147,6 +149,25 @@ def completion(content: str) -> dict[str, Any]:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     }
+
+
+def test_async_calls_on_one_event_loop_reuse_one_connection_which_closes_with_the_loop() -> None:
+    script = Scripted([(200, completion("ok"), {})])
+    with Served(app=script.app()) as running:
+        backend = OpenAIBackend(running.url + "/v1")
+
+        async def three_calls() -> Any:
+            for _ in range(3):
+                await backend.generate(GenerationRequest.from_text("hi"))
+            return backend._loops[asyncio.get_running_loop()][1]
+
+        first_client = asyncio.run(three_calls())
+        assert first_client.is_closed()  # asyncio.run closed it with its loop: no connection left open
+        second_client = asyncio.run(three_calls())
+    assert second_client is not first_client and second_client.is_closed()
+    assert backend._loops == {}  # nothing kept for loops that are gone
+    first, second = script.peers[:3], script.peers[3:]
+    assert len(set(first)) == 1 and len(set(second)) == 1 and first != second  # one connection per loop
 
 
 def test_a_503_then_a_200_is_retried_and_answers() -> None:

@@ -12,9 +12,9 @@ or any server of ``/v1/chat/completions``. This process imports no torch, tokeni
 - The official ``openai`` client does the HTTP: connect and read timeouts, and retries with backoff on
   connection errors, 408, 429, 5xx (honouring ``Retry-After``). Calls in flight are bounded
   (``remote_max_in_flight``): by the connection pool of the one synchronous client, and per event loop for the
-  async calls, which each use a client of their own (a pool belongs to its loop). It is chosen over bare
-  httpx because those retries, the SSE parsing and the error classes are what this module would otherwise
-  write again.
+  async calls, which use one client per loop (a pool belongs to its loop), kept while the loop runs. It is
+  chosen over bare httpx because those retries, the SSE parsing and the error classes are what this module
+  would otherwise write again.
 - Failures become this package's errors with what to do: a refused key, an unknown model, a prompt too long, a
   busy server, a server that is up but not serving, one that cannot be reached.
 """
@@ -92,9 +92,9 @@ class OpenAIBackend:
         self._sync: Any = None
         self._uris: OrderedDict[str, str] = OrderedDict()  # image digest -> its data URI
         self._uri_bytes = 0
-        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per running event loop: (the async generator holding its client, the client, its slots for calls in
+        # flight); an entry leaves when its loop shuts down.
+        self._loops: dict[asyncio.AbstractEventLoop, tuple[Any, Any, asyncio.Semaphore]] = {}
 
     # -- clients ------------------------------------------------------------------------------------------------------
 
@@ -126,22 +126,40 @@ class OpenAIBackend:
 
     @contextlib.asynccontextmanager
     async def async_client(self) -> AsyncIterator[Any]:
-        """A client for one call, closed after it: an async connection pool belongs to the event loop that opened
-        it, and a caller's loop (``asyncio.run``) may end right after. Calls at once are bounded per loop."""
-        import httpx
+        """The client of the running event loop, with a slot among the loop's calls in flight.
 
+        An async connection pool belongs to the loop that opened it, so each loop gets its own client, kept for
+        the loop's life (its connections are reused from call to call: no new TCP or TLS handshake per call).
+        It is closed when the loop shuts down: the client lives in an async generator, and ``asyncio.run`` (or
+        anyio, or uvicorn) closes the loop's async generators before closing the loop.
+        """
         loop = asyncio.get_running_loop()
         with self._lock:
-            slots = self._slots.get(loop)
-            if slots is None:
-                slots = self._slots[loop] = asyncio.Semaphore(self.max_in_flight)
+            entry = self._loops.get(loop)
+        if entry is None:
+            keeper = self._loop_client(loop)
+            client = await keeper.__anext__()  # no await inside before its yield: nothing else runs meanwhile
+            entry = (keeper, client, asyncio.Semaphore(self.max_in_flight))
+            with self._lock:
+                self._loops[loop] = entry
+        _keeper, client, slots = entry
         async with slots:
-            http = httpx.AsyncClient(timeout=self._options()["timeout"])
-            async with self._openai.AsyncOpenAI(http_client=http, **self._options()) as client:
-                yield client
+            yield client
+
+    async def _loop_client(self, loop: asyncio.AbstractEventLoop) -> AsyncIterator[Any]:
+        import httpx
+
+        http = httpx.AsyncClient(limits=self._limits(), timeout=self._options()["timeout"])
+        client = self._openai.AsyncOpenAI(http_client=http, **self._options())
+        try:
+            yield client
+        finally:
+            with self._lock:  # the entry holds the loop (its semaphore does): let both go
+                self._loops.pop(loop, None)
+            await client.close()
 
     def close(self) -> None:
-        """Close the connections of the synchronous client (the async ones close after each call)."""
+        """Close the connections of the synchronous client (each loop's async client closes with its loop)."""
         with self._lock:
             client, self._sync = self._sync, None
         if client is not None:

@@ -482,7 +482,7 @@ def info(as_json: bool, **options: Any) -> None:
         return
     for key, value in details.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
         click.echo(f"{key}: {value}")
 
 

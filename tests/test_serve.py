@@ -156,6 +156,31 @@ def test_the_tools_elsewhere_run_against_it_with_the_remote_backend(
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [["title", "author"], False]
 
 
+def test_metrics_are_behind_the_token_and_count_both_surfaces_and_the_guards_refusals(serve: Serve) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.get(serve.url + "/metrics", timeout=30).status_code == 401
+    answer = httpx.get(serve.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert answer.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+
+    def requests(surface: str, code: int) -> float:
+        return samples.get(("phi3v_http_requests_total", (("code", str(code)), ("surface", surface))), 0.0)
+
+    # What the tests above sent (this module's order): refusals by the guards count as much as answers.
+    assert requests("mcp", 401) >= 1 and requests("mcp", 200) >= 1
+    assert requests("openai", 401) >= 1 and requests("openai", 413) >= 1 and requests("openai", 421) >= 1
+    assert requests("openai", 200) >= 3
+    assert requests("other", 401) >= 2  # /health and /metrics without the token
+    assert samples[("phi3v_request_success_total", (("finish_reason", "stop"), ("stream", "false")))] >= 1
+    assert samples[("phi3v_engine_prompt_tokens_total", ())] > 0
+    assert samples[("phi3v_decode_steps_total", ())] > 0
+
+
 def test_sigterm_stops_the_server_with_143_and_one_line(serve: Serve) -> None:
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.proc.wait(timeout=30) == 143
@@ -173,3 +198,33 @@ def test_host_names_are_read_with_ports_and_ipv6_brackets() -> None:
         and _hostname("::1") == "::1"
         and _hostname("EVIL.example") == "evil.example"
     )
+
+
+def test_on_a_wildcard_bind_the_openai_paths_answer_to_this_machines_names_and_refuse_a_rebound_one() -> None:
+    import asyncio
+
+    from phi3v_tools.serving.server import serving_app
+    from phi3v_tools.settings import Settings
+    from tests.fakes import FakeBackend
+
+    settings = Settings(model="fake", serve_host="0.0.0.0", mcp_allowed_hosts=("proxy.example",))
+    app = serving_app(settings, FakeBackend())
+
+    async def status(path: str, host: str) -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return (await client.get(path, headers={"Host": host})).status_code
+
+    async def statuses() -> dict[str, int]:
+        hosts = [f"{socket.gethostname()}:8000", "proxy.example", "127.0.0.1:8000", "evil.example:8000"]
+        return {host: await status("/v1/models", host) for host in hosts} | {
+            "metrics from evil.example": await status("/metrics", "evil.example")
+        }
+
+    assert asyncio.run(statuses()) == {
+        f"{socket.gethostname()}:8000": 200,
+        "proxy.example": 200,
+        "127.0.0.1:8000": 200,
+        "evil.example:8000": 421,
+        "metrics from evil.example": 421,
+    }

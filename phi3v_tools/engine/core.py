@@ -134,6 +134,9 @@ class Engine:
         self.batches = 0  # times the running batch started from empty
         self.joins = 0  # rows that joined a running batch
         self.prefill_chunks = 0
+        self.prompt_tokens = 0  # prompt tokens admitted (a row admitted again after a failed step counts again)
+        self.sampled_tokens = 0  # tokens chosen by decode steps (stop tokens too)
+        self._batch_sizes = [0] * (self.admission.max_rows + 1)  # decode steps by how many rows they decoded
         self.static_batching = False  # benchmarks only: admit a new batch only when the last one has finished
         self._warm_up: threading.Thread | None = None
         self._masks: torch.Tensor | None = None  # grammar-mask buffer (step loop only)
@@ -193,6 +196,9 @@ class Engine:
             "batches": self.batches,
             "joins": self.joins,
             "decode_steps": self.decode_steps,
+            "prompt_tokens": self.prompt_tokens,
+            "sampled_tokens": self.sampled_tokens,
+            "decode_batch_sizes": {rows: n for rows, n in enumerate(list(self._batch_sizes)) if n},
             "feature_cache": self.feature_cache.stats(),
         }
 
@@ -384,6 +390,7 @@ class Engine:
         for _ in range(count):
             row = self._waiting.popleft()
             row.handle.started = now
+            self.prompt_tokens += len(row.ids)
             self._prefilling.append(row)
         self._unpend(count)
 
@@ -522,6 +529,8 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001  # a native library's panic too: the step failed, not the loop
             self._step_failed(exc)
             return
+        self.sampled_tokens += len(rows)
+        self._batch_sizes[min(len(rows), len(self._batch_sizes) - 1)] += 1
         now = time.perf_counter()
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens, strict=True)) if self._step_row(row, token, now)]
         if len(keep) < len(rows):

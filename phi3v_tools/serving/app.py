@@ -1,7 +1,7 @@
-"""The OpenAI-compatible HTTP app over one backend: ``POST /v1/chat/completions``, ``GET /v1/models`` and
-``GET /health``, as a Starlette app (Starlette and uvicorn come with the ``mcp`` extra, whose server this app
-will share a process with; FastAPI's OpenAPI page would add a dependency for a documentation page that the
-OpenAI API reference already is).
+"""The OpenAI-compatible HTTP app over one backend: ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health`` and ``GET /metrics`` (:mod:`phi3v_tools.serving.metrics`), as a Starlette app (Starlette and
+uvicorn come with the ``mcp`` extra, whose server this app will share a process with; FastAPI's OpenAPI page
+would add a dependency for a documentation page that the OpenAI API reference already is).
 
 - A request is validated (:mod:`phi3v_tools.serving.protocol`), its images loaded and checked off the event
   loop, and it goes to the backend, which batches it with every other caller's.
@@ -42,6 +42,7 @@ from phi3v_tools.errors import (
     RequestTimeoutError,
 )
 from phi3v_tools.images import ImagePolicy
+from phi3v_tools.serving.metrics import metrics_or_none, missing
 from phi3v_tools.serving.protocol import (
     ChatCompletionRequest,
     ProtocolError,
@@ -80,11 +81,17 @@ class OpenAIServer:
         self.max_images = max_images
         self.created = int(time.time())
         self._lock = asyncio.Lock()
+        self.metrics = metrics_or_none(self._engine_info)
 
     @property
     def _loaded(self) -> bool:
         """Whether the backend is there (not still a factory)."""
         return hasattr(self._backend, "generate")
+
+    def _engine_info(self) -> dict[str, Any] | None:
+        """The engine's numbers for /metrics (None until it is loaded, or for a backend without ``info()``)."""
+        info = getattr(self._backend, "info", None) if self._loaded else None
+        return info() if callable(info) else None
 
     async def backend(self) -> Backend:
         if not self._loaded:
@@ -99,6 +106,7 @@ class OpenAIServer:
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
             ]
         )
 
@@ -119,14 +127,30 @@ class OpenAIServer:
             return JSONResponse({"status": "closed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    async def prometheus(self, request: Request) -> Response:
+        if self.metrics is None:
+            return _error(str(missing()), "NotImplementedError", 501)
+        body, content_type = await asyncio.to_thread(self.metrics.exposition, request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
+
     async def chat_completions(self, request: Request) -> Response:
+        started = time.perf_counter()
         try:
-            return await self._chat_completions(request)
+            response = await self._chat_completions(request, started)
         except Exception:  # a bug of ours: the OpenAI shape, no traceback (it goes to the log)
             logger.exception("a chat completion failed")
-            return _error("the server failed to answer this request", "InternalServerError", 500)
+            response = _error("the server failed to answer this request", "InternalServerError", 500)
+        if self.metrics is not None and isinstance(response, JSONResponse) and response.status_code >= 400:
+            self.metrics.failed(json.loads(bytes(response.body))["error"]["type"])
+        elif self.metrics is not None and response.status_code == 499:
+            self.metrics.failed("ClientDisconnected")
+        return response
 
-    async def _chat_completions(self, request: Request) -> Response:
+    def _answered(self, result: GenerationResult, stream: bool, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.answered(result, stream=stream, seconds=time.perf_counter() - started)
+
+    async def _chat_completions(self, request: Request, started: float) -> Response:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":  # also keeps a web page's form or text/plain POST (no preflight) out
             return _error("send the request as JSON (Content-Type: application/json)", "BadRequestError", 415)
@@ -147,16 +171,17 @@ class OpenAIServer:
                 task = asyncio.ensure_future(backend.generate(generation))
                 if not await _unless_client_leaves(request, task):
                     return Response(status_code=499)  # nobody reads it; the generation was stopped
+                self._answered(task.result(), False, started)
                 return JSONResponse(completion_body(task.result(), self.model_name))
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await self._stream(request, backend, generation, include_usage)
+            return await self._stream(request, backend, generation, include_usage, started)
         except Phi3VToolsError as exc:
             return error_response(exc)
 
     # -- streaming ----------------------------------------------------------------------------------------------------
 
     async def _stream(
-        self, request: Request, backend: Backend, generation: GenerationRequest, include_usage: bool
+        self, request: Request, backend: Backend, generation: GenerationRequest, include_usage: bool, started: float
     ) -> Response:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
@@ -196,9 +221,13 @@ class OpenAIServer:
                     if not isinstance(exc, Phi3VToolsError):
                         logger.error("a streamed request failed", exc_info=exc)
                         exc = GenerationError("the server failed to finish this answer")
-                    yield sse(_error_parts(exc)[0])
+                    error = _error_parts(exc)[0]
+                    if self.metrics is not None:
+                        self.metrics.failed(error["error"]["type"])
+                    yield sse(error)
                     yield "data: [DONE]\n\n"
                     return
+                self._answered(result, True, started)
                 yield sse(chunk_body(ident, self.model_name, created, finish_reason=result.finish_reason))
                 if include_usage:
                     yield sse(chunk_body(ident, self.model_name, created, result=result))
@@ -206,6 +235,8 @@ class OpenAIServer:
             finally:
                 if not task.done():  # the client went away: the generation stops at the next step
                     task.cancel()
+                    if self.metrics is not None:
+                        self.metrics.failed("ClientDisconnected")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -7,9 +7,11 @@
 Both sit behind the MCP HTTP server's guards, which are reused, not copied: one bearer token for every path
 (``PHI3V_API_KEY``, the variable the remote backend sends, or ``PHI3V_MCP_TOKEN``), the body limit
 (``PHI3V_MCP_MAX_BODY_MB``), the connection limits and timeouts (``PHI3V_MCP_MAX_CONNECTIONS`` ...), and the
-graceful drain on SIGTERM (``PHI3V_MCP_SHUTDOWN_GRACE_S``). ``/mcp`` keeps the SDK's DNS-rebinding protection;
-the OpenAI paths get the same Host check while the server is bound to a loopback address (where rebinding
-attacks aim), and on another address the token is what keeps strangers out (a warning says so when unset).
+graceful drain on SIGTERM (``PHI3V_MCP_SHUTDOWN_GRACE_S``). ``/mcp`` keeps the SDK's DNS-rebinding protection,
+and the other paths (``/v1``, ``/health``, ``/metrics``) get the same Host and Origin check over the same names
+(:func:`phi3v_mcp.server.allowed_hosts`: loopback, the bound address or on a wildcard bind this machine's
+names, and ``PHI3V_MCP_ALLOWED_HOSTS``; ``*`` turns it off behind a proxy). Off loopback the token is what keeps
+strangers out (a warning says so when it is unset). Every response is counted for ``/metrics``.
 """
 
 from __future__ import annotations
@@ -82,37 +84,30 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, messa
 def serving_app(settings: Settings, backend: Backend | None = None) -> ASGIApp:
     """The whole app: OpenAI paths and ``/mcp``, over ``backend`` (default: this process's engine for
     ``settings``), behind the shared guards."""
-    from phi3v_mcp.server import (
-        LOOPBACK_HOSTS,
-        BearerTokenMiddleware,
-        BodyLimitMiddleware,
-        _is_loopback,
-        create_server,
-        http_app,
-    )
+    from phi3v_mcp.server import BearerTokenMiddleware, BodyLimitMiddleware, allowed_hosts, create_server, http_app
 
     from phi3v_tools.api import toolbox_from_settings
     from phi3v_tools.serving.app import OpenAIServer
+    from phi3v_tools.serving.metrics import CountResponses
 
     served = http_settings(replace(settings, mcp_token=None))  # the token goes outermost, once, below
     toolbox = toolbox_from_settings(settings, backend)
     mcp = http_app(create_server(served, toolbox), served)
-    routes = OpenAIServer(
+    server = OpenAIServer(
         backend if backend is not None else (lambda: toolbox.backend),
         settings.image_policy(),
         settings.served_model_name or (backend.model_name if backend is not None else settings.model),
         default_max_tokens=min(512, settings.max_new_tokens),
         max_context=settings.max_context,
         max_images=settings.max_images,
-    ).app()
-    openai: ASGIApp = BodyLimitMiddleware(routes, int(settings.mcp_max_body_mb * 2**20))
-    hosts = None
-    if _is_loopback(settings.serve_host):
-        hosts = [h.strip("[]") for h in LOOPBACK_HOSTS]
-    app: ASGIApp = _Paths(mcp, openai, hosts)
+    )
+    openai: ASGIApp = BodyLimitMiddleware(server.app(), int(settings.mcp_max_body_mb * 2**20))
+    app: ASGIApp = _Paths(mcp, openai, allowed_hosts(served))
     token = server_token(settings)
     if token:
         app = BearerTokenMiddleware(app, token)
+    if server.metrics is not None:
+        app = CountResponses(app, server.metrics)
     return app
 
 

@@ -9,8 +9,10 @@ path's own work: the image sent as a PNG ``data:`` URI (encoded here, decoded an
 HTTP on loopback, and the server's request handling. The two are measured one after the other, never at
 once, because they share the machine's cores.
 
-Per tool: median milliseconds per call on each path, the overhead in ms and as a ratio. Then a large photo
-(the PNG encoding grows with the pixels), and 8 concurrent calls (throughput on each path). With the real
+Per tool: median milliseconds per call on each path, the overhead in ms and as a ratio. Then a large photo,
+twice: the same one at every call (as a chained call sends it again: its data: URI is kept, the server still
+decodes it) and a new one at every call (encoded as PNG here each time, which grows with the pixels); and 8
+concurrent calls (throughput on each path). With the real
 model a call takes seconds on a GPU, so what matters is the overhead in milliseconds, not the ratio on a
 model that answers in tens of milliseconds.
 """
@@ -102,14 +104,18 @@ def concurrent_rate(toolbox: Toolbox, image: str, width: int, rounds: int) -> fl
     return round(width * rounds / (time.perf_counter() - started), 2)
 
 
-def workloads(folder: Path) -> dict[str, Callable[[Toolbox], Any]]:
+def workloads(folder: Path, fresh: list[str]) -> dict[str, Callable[[Toolbox], Any]]:
+    """The calls, by name. ``fresh``: distinct photos, one per call of the last workload (each side takes its own),
+    so that neither the remote backend's data-URI cache nor the server's feature cache sees one twice."""
     chart, cover, a, b, big = (str(folder / f"{n}.png") for n in ("chart", "cover", "a", "b", "photo"))
+    unseen = iter(fresh)
     return {
         "describe_image": lambda t: t.describe_image(chart, "What does it show?", "brief"),
         "read_text (2 fields)": lambda t: t.read_text(cover, ["title", "author"]),
         "compare_images (2)": lambda t: t.compare_images([a, b]),
         "ask_images (schema)": lambda t: t.ask_images(chart, "How many bars?", SCHEMA),
         "describe_image, 2400x1800 photo": lambda t: t.describe_image(big, None, "brief"),
+        "describe_image, a new 2400x1800 photo each call": lambda t: t.describe_image(next(unseen), None, "brief"),
     }
 
 
@@ -126,6 +132,10 @@ def measure(calls: int) -> dict[str, Any]:
         scene(False).save(folder / "a.png")
         scene(True).save(folder / "b.png")
         photo().save(folder / "photo.png")
+        fresh = []
+        for i in range(2 * (calls + 1)):  # effect_noise differs at every call: no two alike
+            photo().save(folder / f"photo-{i}.png")
+            fresh.append(str(folder / f"photo-{i}.png"))
         model = str(make_tiny_checkpoint(folder / "tiny"))
         policy = ImagePolicy(allowed_dirs=(folder,))
         port = free_port()
@@ -134,10 +144,12 @@ def measure(calls: int) -> dict[str, Any]:
             local = Toolbox(get_runner(Settings(model=model)), policy)
             remote = Toolbox(OpenAIBackend(f"http://127.0.0.1:{port}/v1"), policy)
             rows = []
-            for name, call in workloads(folder).items():
+            for name, call in workloads(folder, fresh).items():
                 local_ms, local_result = median_ms(lambda call=call: call(local), calls)
                 remote_ms, remote_result = median_ms(lambda call=call: call(remote), calls)
                 same = local_result.model_dump(exclude={"call"}) == remote_result.model_dump(exclude={"call"})
+                if "new" in name:
+                    same = None  # each side saw other photos
                 rows.append(
                     {
                         "tool": name,

@@ -185,6 +185,11 @@ _MODEL_OPTIONS = (
     ),
     click.option("--device", help="cuda, cuda:1, cpu, mps, auto. [env: PHI3V_DEVICE; default: CUDA if present]"),
     click.option(
+        "--quantization",
+        type=click.Choice(["int8", "int4"]),
+        help="Weight-only quantization of the language model. [env: PHI3V_QUANTIZATION; default: none]",
+    ),
+    click.option(
         "--num-crops",
         type=click.IntRange(1, 16),
         help="Crops per image, one image or several. [env: PHI3V_NUM_CROPS; default: the checkpoint's for one "

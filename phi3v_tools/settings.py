@@ -21,6 +21,7 @@ DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:[0-9]+)?)$")
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 BACKENDS = ("local", "openai")
+QUANTIZATION = ("int8", "int4")  # phi3v_tools.model.quantize.MODES (that module imports torch; this one must not)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ModelConfig:
     dtype: str | None = None
     attn_implementation: str | None = None
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         """The choices are checked here, at the edge, so that a typo fails at start and not at the first call."""
@@ -42,6 +44,10 @@ class ModelConfig:
         if self.attn_implementation is not None and self.attn_implementation not in ATTENTION:
             raise ValueError(
                 f"PHI3V_ATTN_IMPLEMENTATION must be one of {', '.join(ATTENTION)}, got {self.attn_implementation!r}"
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATION:
+            raise ValueError(
+                f"PHI3V_QUANTIZATION must be one of {', '.join(QUANTIZATION)} (or unset), got {self.quantization!r}"
             )
 
 
@@ -93,6 +99,7 @@ class Settings:
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
     dtype: str | None = None  # "bfloat16", "float32", "auto"; None: bf16 on CUDA, fp32 on CPU
     attn_implementation: str | None = None  # "sdpa", "flash_attention_2", "eager"; None: best available
+    quantization: str | None = None  # "int8", "int4": the language model's decoder linears; None: all in dtype
     num_crops: int | None = None  # None: the checkpoint's default (16 for Phi-3, 4 for Phi-3.5)
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)  # where the tiny checkpoint is written
     # The runner (phi3v_tools.runner): batching, limits, the image-feature cache.
@@ -173,7 +180,9 @@ class Settings:
         return SchemaLimits(max_bytes=self.max_schema_bytes, max_string=self.max_schema_string)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(self.model, self.device, self.dtype, self.attn_implementation, self.cache_dir)
+        return ModelConfig(
+            self.model, self.device, self.dtype, self.attn_implementation, self.cache_dir, self.quantization
+        )
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits(**{f.name: getattr(self, f.name) for f in fields(EngineLimits)})
@@ -210,6 +219,8 @@ class Settings:
                 values[f.name] = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
             elif f.name == "mcp_allowed_hosts":
                 values[f.name] = tuple(h.strip() for h in raw.split(",") if h.strip())
+            elif f.name == "quantization" and raw.lower() == "none":
+                continue
             elif f.name == "allow_urls":
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ValueError(f"{ENV_PREFIX}ALLOW_URLS must be true or false, got {raw!r}")

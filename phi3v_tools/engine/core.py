@@ -93,7 +93,7 @@ class Engine:
         self.settings = settings
         self.limits = settings.engine_limits()
         self.model_name = settings.model
-        self.model_id = f"{settings.model}|{model.dtype}"
+        self.model_id = f"{settings.model}|{model.dtype}|{settings.quantization}"
         self.num_crops = self.limits.num_crops or processor.num_crops
         cache_mb = self.limits.feature_cache_mb
         if cache_mb is None:
@@ -186,6 +186,7 @@ class Engine:
             "device": str(self.model.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "attn_implementation": self.model.attn_implementation,
+            "quantization": self.settings.quantization,
             "num_crops": self.num_crops,
             "queue": self._pending,
             "max_queue": self.limits.max_queue,

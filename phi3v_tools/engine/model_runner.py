@@ -79,6 +79,7 @@ def load_pretrained(
         attn_implementation=config.attn_implementation,
         cache_dir=config.cache_dir,
         progress=progress,
+        quantization=config.quantization,
     )
     return model, processor
 

@@ -32,6 +32,7 @@ from phi3v_tools.model.names import (  # re-exported from here too
     TINY_MODEL_ID,
     did_you_mean,
 )
+from phi3v_tools.model.quantize import MODES, quantize_modules
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors"]  # what a download fetches: data, never code
 PROCESSOR_FILES = ["*.json"]
@@ -253,6 +254,16 @@ def choose_dtype(dtype: Any, device: torch.device, config: Phi3VConfig) -> torch
     return dtype
 
 
+def check_quantization(mode: str, device: torch.device) -> None:
+    """Refuse a quantization mode that is unknown, or that this PyTorch cannot run, before anything loads."""
+    if mode not in MODES:
+        raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "int4" and device.type == "cpu" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise DeviceError(
+            f"int4 on the CPU needs PyTorch 2.5 or later (this is {torch.__version__}); use int8, or upgrade torch"
+        )
+
+
 def flash_attn_available() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -314,6 +325,7 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     trust_remote_code: bool | None = None,
+    quantization: str | None = None,
     **kwargs: Any,
 ) -> M:
     """Load an official Phi-3-vision checkpoint natively.
@@ -326,6 +338,8 @@ def load_model(
         attn_implementation: "sdpa" (default), "flash_attention_2" (default on CUDA when installed) or "eager".
         progress: show a progress bar while the weights are read.
         trust_remote_code: accepted for seed compatibility and ignored: no checkpoint code is ever run.
+        quantization: "int8" or "int4" quantizes the language model's decoder linears as they are read
+            (:mod:`phi3v_tools.model.quantize`); None keeps every weight in ``dtype``.
     """
     attn_implementation = kwargs.pop("_attn_implementation", attn_implementation)
     kwargs.pop("low_cpu_mem_usage", None)
@@ -342,7 +356,11 @@ def load_model(
     config = config.with_attn_implementation(choose_attn_implementation(attn_implementation, target_device))
 
     model = build_empty_model(config, model_cls)
-    load_weights(model, weight_files(directory), target_device, target_dtype, progress=progress)
+    if quantization is not None:
+        check_quantization(quantization, target_device)
+    load_weights(
+        model, weight_files(directory), target_device, target_dtype, progress=progress, quantization=quantization
+    )
     model.to(target_device)  # the rebuilt buffers
     model.eval()
     model.load_seconds = time.perf_counter() - started  # type: ignore[assignment]
@@ -350,7 +368,13 @@ def load_model(
 
 
 def load_weights(
-    model: Phi3VForCausalLM, files: list[Path], device: torch.device, dtype: torch.dtype, *, progress: bool = False
+    model: Phi3VForCausalLM,
+    files: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    progress: bool = False,
+    quantization: str | None = None,
 ) -> None:
     """Read every tensor of ``files`` into ``model`` (built on meta) by the name table; strict."""
     with contextlib.ExitStack() as stack:
@@ -361,7 +385,7 @@ def load_weights(
             except Exception as exc:  # safetensors raises its own error types for corrupt headers
                 raise CheckpointError(f"cannot read {file}: {exc}") from exc
             handles.update(dict.fromkeys(handle.keys(), handle))
-        _load_state(model, handles, files[0].parent, device, dtype, progress)
+        _load_state(model, handles, files[0].parent, device, dtype, progress, quantization)
 
 
 def _load_state(
@@ -371,8 +395,9 @@ def _load_state(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool,
+    quantization: str | None = None,
 ) -> None:
-    """Check the names against the model, then load each tensor (converted) by the name table."""
+    """Check the names against the model, then load each tensor (converted, or quantized) by the name table."""
     mapping, _skipped, unexpected, missing = plan_loading(sorted(handles), model)
     if unexpected or missing:
         parts = []
@@ -383,13 +408,19 @@ def _load_state(
         raise CheckpointError(f"the weights in {directory} do not match the model; " + "; ".join(parts))
 
     params = dict(model.named_parameters())
+    swapped = quantize_modules(model, quantization, dtype, device) if quantization is not None else {}
     state: dict[str, torch.Tensor] = {}
     for name, target in tqdm(mapping.items(), desc="loading weights", unit="tensor", disable=not progress):
         tensor = handles[name].get_tensor(name)
         expected_shape = tuple(params[target].shape)
         if tuple(tensor.shape) != expected_shape:
             raise CheckpointError(f"{name} has shape {tuple(tensor.shape)} but the config implies {expected_shape}")
-        state[target] = tensor.to(device=device, dtype=dtype)
+        owner, _, kind = target.rpartition(".")
+        if owner in swapped and kind == "weight":  # quantized here, one layer at a time: never all in 16 bits
+            for buffer, value in swapped[owner].quantized(tensor.to(device=device, dtype=dtype)).items():
+                state[f"{owner}.{buffer}"] = value
+        else:
+            state[target] = tensor.to(device=device, dtype=dtype)
     if EMBEDDING_ALIAS in handles:
         alias = handles[EMBEDDING_ALIAS].get_tensor(EMBEDDING_ALIAS).to(device=device, dtype=dtype)
         if not torch.equal(alias, state["language_model.model.embed_tokens.weight"]):

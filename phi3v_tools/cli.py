@@ -467,10 +467,19 @@ for _spec in tool_specs():
 @main.command()
 @model_options
 @_JSON_OPTION
-def info(as_json: bool, **options: Any) -> None:
+@click.option(
+    "--estimate",
+    is_flag=True,
+    help="Do not load: show the memory each mode would take (weights, KV cache, activations) and whether it fits.",
+)
+def info(as_json: bool, estimate: bool, **options: Any) -> None:
     """Load the model and show how it runs: device, dtype, attention, num_crops, feature cache (with
-    PHI3V_BACKEND=openai: the server, and the models it serves)."""
+    PHI3V_BACKEND=openai: the server, and the models it serves). With --estimate, nothing is loaded: the memory
+    each mode (the dtype, int8, int4) would take on the device, from the checkpoint's config alone."""
     settings = build_settings(**options)
+    if estimate:
+        _estimate(settings, as_json)
+        return
     try:
         if settings.backend == "openai":
             from phi3v_tools.api import remote_backend
@@ -489,6 +498,58 @@ def info(as_json: bool, **options: Any) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
         click.echo(f"{key}: {value}")
+
+
+def _checkpoint_crops(directory: Path) -> int:
+    """The checkpoint's default crops per image (its preprocessor config; 16 when it says nothing)."""
+    try:
+        raw = json.loads((directory / "preprocessor_config.json").read_text(encoding="utf-8"))
+        return int(raw.get("num_crops", 16))
+    except (OSError, ValueError, TypeError):
+        return 16
+
+
+def _estimate(settings: Settings, as_json: bool) -> None:
+    """``info --estimate``: every mode's memory on the configured device, before anything is loaded."""
+    from phi3v_tools.errors import require_local
+
+    try:
+        require_local("Estimating the model's memory")
+        from phi3v_tools.model.checkpoint import choose_device, choose_dtype, resolve_checkpoint
+        from phi3v_tools.model.config import Phi3VConfig
+        from phi3v_tools.model.memory import GB, available_bytes, plans
+
+        directory = resolve_checkpoint(settings.model, weights=False, cache_dir=settings.cache_dir)
+        config = Phi3VConfig.from_json_file(directory / "config.json")
+        device = choose_device(settings.device)
+        dtype = choose_dtype(settings.dtype, device, config)
+        crops = settings.num_crops or _checkpoint_crops(directory)
+        rows = plans(config, dtype, num_crops=crops, max_context=settings.max_context)
+        free = available_bytes(device)
+    except (Phi3VToolsError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    modes = [{**row.as_dict(), "fits": None if free is None else row.to_run <= free} for row in rows]
+    report = {
+        "model": settings.model,
+        "device": str(device),
+        "num_crops": crops,
+        "max_context": settings.max_context,
+        "available_gb": None if free is None else round(free / GB, 2),
+        "modes": modes,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    where = "unknown" if free is None else f"{free / GB:.1f} GB"
+    click.echo(f"model: {settings.model}")
+    click.echo(f"device: {device} (available: {where}); num_crops {crops}, max_context {settings.max_context}")
+    click.echo(f"{'mode':<10}{'weights':>10}{'KV/token':>11}{'KV/context':>12}{'activations':>13}{'needs':>9}  fits")
+    for row in rows:
+        fits = "?" if free is None else ("yes" if row.to_run <= free else "no")
+        click.echo(
+            f"{row.mode:<10}{row.weights / GB:>8.2f}GB{row.kv_per_token / 2**20:>9.3f}MB{row.context_kv / GB:>10.2f}GB"
+            f"{row.activations / GB:>11.2f}GB{row.to_run / GB:>7.2f}GB  {fits}"
+        )
 
 
 @main.command()

@@ -106,7 +106,7 @@ class Settings:
     batch_window_ms: float = 5.0  # an idle engine waits this long for company before it starts a batch
     max_batch_size: int = 32  # requests decoded together (rows of the running batch); the KV budget bounds memory
     # KV cache bound in tokens: rows x the longest row's prompt + max_new_tokens (padded). None: what memory
-    # holds, 40 % of the GPU memory free after loading or 4 GiB on CPU/MPS, at most max_batch_size full contexts
+    # holds, 40 % of the memory free after loading (at most 4 GiB on CPU/MPS), at most max_batch_size full contexts
     max_batch_tokens: int | None = None
     prefill_chunk_tokens: int = 2048  # prompt tokens prefilled per engine step; running rows wait at most this
     max_step_images: int = 8  # images the vision tower encodes per engine step

@@ -150,7 +150,9 @@ class Engine:
 
         ``warm_up`` prepares the grammar engine on a background thread, so the first JSON request is not slow.
         """
-        model, processor = load_pretrained(settings.model_config(), num_crops=settings.num_crops, progress=progress)
+        model, processor = load_pretrained(
+            settings.model_config(), num_crops=settings.num_crops, progress=progress, max_context=settings.max_context
+        )
         engine = cls(model, processor, settings)
         if warm_up:
             engine._warm_up = threading.Thread(

@@ -57,20 +57,32 @@ def kv_bytes_per_token(model: Phi3VForCausalLM) -> int:
 
 def kv_memory_bytes(device: torch.device, reserved: int = 0) -> int:
     """The memory the KV cache may take on ``device``: a share of the GPU memory free now, less ``reserved``
-    (memory promised to something that has not allocated it yet, e.g. the feature cache); a fixed amount
-    of host memory elsewhere."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+    (memory promised to something that has not allocated it yet, e.g. the feature cache); on the CPU the same
+    share of the host's available memory, at most a fixed amount (the host's memory is everyone's); on MPS,
+    whose free memory cannot be known, the fixed amount."""
+    from phi3v_tools.model.memory import available_bytes
+
+    free = available_bytes(device)
+    if device.type == "cuda" and free is not None:
         return int(max(free - reserved, 0) * KV_GPU_FRACTION)
-    return KV_HOST_BYTES
+    if free is None:
+        return KV_HOST_BYTES
+    return int(min(KV_HOST_BYTES, max(free - reserved, 0) * KV_GPU_FRACTION))
 
 
 def load_pretrained(
-    config: ModelConfig | Settings, *, num_crops: int | None = None, progress: bool = False
+    config: ModelConfig | Settings,
+    *,
+    num_crops: int | None = None,
+    progress: bool = False,
+    max_context: int | None = None,
 ) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
-    """The model and processor that ``config`` names (model, device, dtype, attention)."""
+    """The model and processor that ``config`` names (model, device, dtype, attention, quantization); a load
+    that cannot hold one ``max_context`` request beside the weights fails before it allocates."""
     if num_crops is None and isinstance(config, Settings):
         num_crops = config.num_crops
+    if max_context is None:
+        max_context = config.max_context if isinstance(config, Settings) else 4096
     processor = Phi3VProcessor.from_pretrained(config.model, num_crops=num_crops, cache_dir=config.cache_dir)
     model = Phi3VForCausalLM.from_pretrained(
         config.model,
@@ -80,6 +92,8 @@ def load_pretrained(
         cache_dir=config.cache_dir,
         progress=progress,
         quantization=config.quantization,
+        max_context=max_context,
+        num_crops=processor.num_crops,
     )
     return model, processor
 

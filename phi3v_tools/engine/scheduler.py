@@ -38,8 +38,8 @@ class Schedulable(Protocol):
     def alone(self) -> bool: ...  # must run with no company (LongRoPE switch, or an isolated re-run)
 
 
-KV_GPU_FRACTION = 0.4  # of the GPU memory free after loading (a join briefly holds two copies: 0.8 at worst)
-KV_HOST_BYTES = 4 * 2**30  # CPU and MPS: host memory is shared with everything else, so a fixed amount
+KV_GPU_FRACTION = 0.4  # of the memory free after loading (a join briefly holds two copies: 0.8 at worst)
+KV_HOST_BYTES = 4 * 2**30  # CPU and MPS: at most this much (host memory is shared with everything else)
 
 
 def kv_budget_tokens(bytes_per_token: int, memory_bytes: int, max_rows: int, max_context: int) -> int:

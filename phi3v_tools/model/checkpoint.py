@@ -326,6 +326,8 @@ def load_model(
     progress: bool = False,
     trust_remote_code: bool | None = None,
     quantization: str | None = None,
+    max_context: int = 4096,
+    num_crops: int = 16,
     **kwargs: Any,
 ) -> M:
     """Load an official Phi-3-vision checkpoint natively.
@@ -340,6 +342,9 @@ def load_model(
         trust_remote_code: accepted for seed compatibility and ignored: no checkpoint code is ever run.
         quantization: "int8" or "int4" quantizes the language model's decoder linears as they are read
             (:mod:`phi3v_tools.model.quantize`); None keeps every weight in ``dtype``.
+        max_context / num_crops: the longest request and the crops per image to leave room for. A load that
+            cannot fit them beside the weights fails before it allocates, naming a mode that fits
+            (:func:`~phi3v_tools.model.memory.check_fits`).
     """
     attn_implementation = kwargs.pop("_attn_implementation", attn_implementation)
     kwargs.pop("low_cpu_mem_usage", None)
@@ -358,6 +363,9 @@ def load_model(
     model = build_empty_model(config, model_cls)
     if quantization is not None:
         check_quantization(quantization, target_device)
+    from phi3v_tools.model.memory import check_fits
+
+    check_fits(config, target_device, target_dtype, quantization, num_crops=num_crops, max_context=max_context)
     load_weights(
         model, weight_files(directory), target_device, target_dtype, progress=progress, quantization=quantization
     )

@@ -529,21 +529,39 @@ def vllm_half(args: argparse.Namespace, tmp: Path, budget: Budget, until: float,
         return
     env = {k: v for k, v in os.environ.items() if not k.startswith("PHI3V_")}
     env.update(HF_HUB_OFFLINE="1", VLLM_MEDIA_URL_ALLOW_REDIRECTS="0", VLLM_NO_USAGE_STATS="1")
-    log_path = tmp / "vllm.log"
+    command = [key if part == "KEY" else part for part in command]  # the key: in the process, not in the JSON
+    run_server("vllm", "vLLM", command, env, port, key, tmp, args, budget, until, server)
+
+
+def run_server(
+    name: str,
+    label: str,
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    key: str,
+    tmp: Path,
+    args: argparse.Namespace,
+    budget: Budget,
+    until: float,
+    server: dict[str, Any],
+) -> None:
+    """Start a server, wait until it is healthy, measure it into ``server``, and stop it whatever happens."""
+    log_path = tmp / f"{name}.log"
     started = time.monotonic()
-    process = start([key if part == "KEY" else part for part in command], env, log_path)  # key: not in the JSON
+    process = start(command, env, log_path)
     try:
         problem = wait_healthy(process, port, key, min(args.startup_timeout_s, budget.left(until)))
         server["startup_s"] = round(time.monotonic() - started, 1)
         if problem is not None:
-            server["failed"] = f"vLLM {problem}"
+            server["failed"] = f"{label} {problem}"
             server["log_tail"] = log_tail(log_path)
-            log(f"vLLM: {problem}; log tail:\n{server['log_tail'][-1500:]}")
+            log(f"{label}: {problem}; log tail:\n{server['log_tail'][-1500:]}")
             return
-        log(f"vLLM healthy after {server['startup_s']} s")
-        folder = tmp / "vllm-images"
+        log(f"{label} healthy after {server['startup_s']} s")
+        folder = tmp / f"{name}-images"
         folder.mkdir()
-        server.update(measure("vllm", port, key, folder, args, budget=budget, until=until))
+        server.update(measure(name, port, key, folder, args, budget=budget, until=until))
     finally:
         stop(process)
         server["log_tail"] = server.get("log_tail") or log_tail(log_path, 1500)
@@ -572,23 +590,7 @@ def phi3v_half(args: argparse.Namespace, tmp: Path, budget: Budget, results: dic
         command = [sys.executable, "-m", "phi3v_tools.cli", "serve", "--port", str(port)]
         server["model"] = f"{args.phi3v_model}, on {args.device}"
     server["command"] = command
-    log_path = tmp / "phi3v-tools.log"
-    started = time.monotonic()
-    process = start(command, env, log_path)
-    try:
-        problem = wait_healthy(process, port, key, min(args.startup_timeout_s, budget.left()))
-        server["startup_s"] = round(time.monotonic() - started, 1)
-        if problem is not None:
-            server["failed"] = f"phi3v-tools serve {problem}"
-            server["log_tail"] = log_tail(log_path)
-            log(f"phi3v-tools: {problem}; log tail:\n{server['log_tail'][-1500:]}")
-            return
-        log(f"phi3v-tools serve healthy after {server['startup_s']} s")
-        folder = tmp / "phi3v-images"
-        folder.mkdir()
-        server.update(measure("phi3v-tools", port, key, folder, args, budget=budget, until=budget.deadline))
-    finally:
-        stop(process)
+    run_server("phi3v-tools", "phi3v-tools serve", command, env, port, key, tmp, args, budget, budget.deadline, server)
 
 
 def serve_worker(spec: dict[str, Any]) -> None:

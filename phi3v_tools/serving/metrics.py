@@ -46,6 +46,37 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 
 
+# The engine's numbers in info(): where, the metric's name, its kind and its help text.
+ENGINE_NUMBERS = (
+    (
+        ("queue",),
+        "phi3v_num_requests_waiting",
+        "gauge",
+        "Requests submitted and not yet admitted (preparing or waiting)",
+    ),
+    (("prefilling",), "phi3v_num_requests_prefilling", "gauge", "Requests admitted whose prompts are being prefilled"),
+    (("running",), "phi3v_num_requests_running", "gauge", "Requests in the running (decoding) batch"),
+    (("max_queue",), "phi3v_max_queue", "gauge", "Requests the engine holds before it answers 429"),
+    (("kv_budget_tokens",), "phi3v_kv_budget_tokens", "gauge", "Tokens of KV cache the scheduler admits rows into"),
+    (("decode_steps",), "phi3v_decode_steps", "counter", "Decode forward passes"),
+    (("batches",), "phi3v_batches", "counter", "Times the running batch started from empty"),
+    (("joins",), "phi3v_batch_joins", "counter", "Requests that joined a running batch"),
+    (
+        ("prompt_tokens",),
+        "phi3v_engine_prompt_tokens",
+        "counter",
+        "Prompt tokens admitted by the engine (all surfaces)",
+    ),
+    (("sampled_tokens",), "phi3v_engine_sampled_tokens", "counter", "Tokens chosen by decode steps (all surfaces)"),
+    (("feature_cache", "hits"), "phi3v_feature_cache_hits", "counter", "Images whose features the cache held"),
+    (("feature_cache", "misses"), "phi3v_feature_cache_misses", "counter", "Images encoded by the vision tower"),
+    (("feature_cache", "evictions"), "phi3v_feature_cache_evictions", "counter", "Features evicted from the cache"),
+    (("feature_cache", "bytes"), "phi3v_feature_cache_bytes", "gauge", "Bytes of features the cache holds"),
+    (("feature_cache", "max_bytes"), "phi3v_feature_cache_max_bytes", "gauge", "The feature cache's size limit"),
+    (("feature_cache", "entries"), "phi3v_feature_cache_entries", "gauge", "Images whose features the cache holds"),
+)
+
+
 def missing() -> OptionalDependencyError:
     return OptionalDependencyError("prometheus-client", "serve", "The /metrics endpoint", alone=True)
 
@@ -191,39 +222,16 @@ class _EngineCollector:
             return
         if not info:
             return
-        gauges = {
-            "queue": ("phi3v_num_requests_waiting", "Requests submitted and not yet admitted (preparing or waiting)"),
-            "prefilling": ("phi3v_num_requests_prefilling", "Requests admitted whose prompts are being prefilled"),
-            "running": ("phi3v_num_requests_running", "Requests in the running (decoding) batch"),
-            "max_queue": ("phi3v_max_queue", "Requests the engine holds before it answers 429"),
-            "kv_budget_tokens": ("phi3v_kv_budget_tokens", "Tokens of KV cache the scheduler admits rows into"),
-        }
-        for key, (name, text) in gauges.items():
-            if isinstance(info.get(key), int | float):
-                yield GaugeMetricFamily(name, text, value=info[key])
-        counters = {
-            "decode_steps": ("phi3v_decode_steps", "Decode forward passes"),
-            "batches": ("phi3v_batches", "Times the running batch started from empty"),
-            "joins": ("phi3v_batch_joins", "Requests that joined a running batch"),
-            "prompt_tokens": ("phi3v_engine_prompt_tokens", "Prompt tokens admitted by the engine (all surfaces)"),
-            "sampled_tokens": ("phi3v_engine_sampled_tokens", "Tokens chosen by decode steps (all surfaces)"),
-        }
-        for key, (name, text) in counters.items():
-            if isinstance(info.get(key), int | float):
-                yield CounterMetricFamily(name, text, value=info[key])
+        for where, name, kind, text in ENGINE_NUMBERS:
+            number: Any = info
+            for key in where:
+                number = number.get(key) if isinstance(number, Mapping) else None
+            if isinstance(number, int | float):
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, text, value=number)
         sizes = info.get("decode_batch_sizes")
         if isinstance(sizes, Mapping):
             yield _batch_histogram(HistogramMetricFamily, {int(rows): int(n) for rows, n in sizes.items()})
-        cache = info.get("feature_cache")
-        if isinstance(cache, Mapping):
-            for key in ("hits", "misses", "evictions"):
-                if key in cache:
-                    text = f"Image feature cache {key}"
-                    yield CounterMetricFamily(f"phi3v_feature_cache_{key}", text, value=cache[key])
-            for key in ("bytes", "max_bytes", "entries"):
-                if key in cache:
-                    text = f"Image feature cache {key.replace('_', ' ')}"
-                    yield GaugeMetricFamily(f"phi3v_feature_cache_{key}", text, value=cache[key])
 
 
 def _batch_histogram(family: Any, steps: Mapping[int, int]) -> Metric:

@@ -100,6 +100,7 @@ class Settings:
     dtype: str | None = None  # "bfloat16", "float32", "auto"; None: bf16 on CUDA, fp32 on CPU
     attn_implementation: str | None = None  # "sdpa", "flash_attention_2", "eager"; None: best available
     quantization: str | None = None  # "int8", "int4": the language model's decoder linears; None: all in dtype
+    cpu_threads: int | None = None  # torch's intra-op threads (process-wide: a CPU model's matmuls); None: torch's
     num_crops: int | None = None  # None: the checkpoint's default (16 for Phi-3, 4 for Phi-3.5)
     cache_dir: Path = field(default=DEFAULT_CACHE_DIR)  # where the tiny checkpoint is written
     # The runner (phi3v_tools.runner): batching, limits, the image-feature cache.
@@ -266,6 +267,7 @@ class Bound:
 _SECONDS = Bound(0, 86_400, whole=False, above=True)  # a time limit: more than nothing, at most a day
 RANGES: dict[str, Bound] = {
     "num_crops": Bound(1, 16),
+    "cpu_threads": Bound(1, 4096),
     "batch_window_ms": Bound(0, 1000, whole=False),
     "max_batch_size": Bound(1, 4096),
     "max_batch_tokens": Bound(1, 2**31 - 1),

@@ -83,3 +83,25 @@ def test_the_cpu_kv_budget_is_a_share_of_the_available_memory_at_most_the_fixed_
     assert model_runner.kv_memory_bytes(torch.device("cpu")) == scheduler.KV_HOST_BYTES
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)
     assert model_runner.kv_memory_bytes(torch.device("mps")) == scheduler.KV_HOST_BYTES
+
+
+def test_mps_defaults_to_float16_and_cuda_to_bfloat16_and_the_cpu_to_float32(official: Phi3VConfig) -> None:
+    assert checkpoint.choose_dtype(None, torch.device("mps"), official) == torch.float16  # the untested Mac path
+    assert checkpoint.choose_dtype(None, torch.device("cuda"), official) == torch.bfloat16
+    assert checkpoint.choose_dtype(None, torch.device("cpu"), official) == torch.float32
+
+
+def test_the_cpu_thread_count_is_a_checked_setting_the_engine_applies_when_it_loads(tiny_dir: Path) -> None:
+    from phi3v_tools.engine.core import Engine
+    from phi3v_tools.settings import Settings
+
+    with pytest.raises(ValueError, match="PHI3V_CPU_THREADS"):
+        Settings.from_env({"PHI3V_CPU_THREADS": "0"})
+    before = torch.get_num_threads()
+    target = 2 if before == 1 else 1
+    try:
+        engine = Engine.load(Settings(model=str(tiny_dir), cpu_threads=target), progress=False, warm_up=False)
+        engine.close()
+        assert torch.get_num_threads() == target
+    finally:
+        torch.set_num_threads(before)

@@ -150,6 +150,8 @@ class Engine:
 
         ``warm_up`` prepares the grammar engine on a background thread, so the first JSON request is not slow.
         """
+        if settings.cpu_threads is not None:  # process-wide: a CPU model's matmuls, before anything runs
+            torch.set_num_threads(settings.cpu_threads)
         model, processor = load_pretrained(
             settings.model_config(), num_crops=settings.num_crops, progress=progress, max_context=settings.max_context
         )

@@ -9,18 +9,22 @@ arrives, so a load never holds the whole model in 16 bits.
 The vision tower, the projector, the embeddings and ``lm_head`` stay in the model's dtype: they are a
 quarter of the weights, the vision tower runs once per image, and ``lm_head`` is where rounding shows most.
 
-**Why this module and not a quantization library.** The candidates, measured on this project's CPU (a 2-core
-AVX2 EPYC, torch 2.13, one thread, one 3072x8192 layer at batch 1; fp32 takes 4-8 ms): torchao 0.18's
-weight-only int8 takes 79-128 ms in eager mode (it is built for ``torch.compile``), and its CPU int4 layout
-moved to a prototype; bitsandbytes 0.50 takes 77 ms for int8, NF4 and FP4 alike on a CPU; optimum-quanto 0.2.7
-takes 257 ms for int8 and fails under ``torch.inference_mode`` for int4. PyTorch's own weight-only kernels,
-the ones those libraries call where they are fast, take 2.4 ms (``aten._weight_int8pack_mm``) and 3.6 ms
-(``aten._weight_int4pack_mm_for_cpu``). So the kernels are PyTorch's, and what is written here is the part
-around them: the quantization arithmetic (a few lines each way), a module that holds the packed weights, and
-the choice of path per call:
+**Why this module and not a quantization library.** ``benchmarks/quant_kernels.py`` measures the candidates
+on this project's CPU (a 2-core AVX2 EPYC, torch 2.13, one thread, one 3072 -> 8192 layer;
+``results/quant_kernels.json``). At one row (a decode step), where dense fp32 takes 4.4 ms: torchao 0.18's
+stable weight-only int8 takes 40-67 ms in eager mode (it is built for ``torch.compile``) and none of its
+stable int4 packing formats runs on a CPU; bitsandbytes 0.50 takes 71-76 ms for int8, NF4 and FP4;
+optimum-quanto 0.2.7 takes 135 ms for int8, and its int4 fails under ``torch.inference_mode``. PyTorch's own
+weight-only kernels take 2.7 ms (``aten._weight_int8pack_mm``) and 3.6 ms (``aten._weight_int4pack_mm_for_cpu``);
+torchao's prototype CPU int4 config calls that same int4 kernel at the same speed, but it is a prototype API,
+with no int8 counterpart that is fast here. So the kernels are PyTorch's, called directly for both modes, and
+what is written here is the part around them: the quantization arithmetic (a few lines each way), a module
+that holds the packed weights, and the choice of path per call (the tests pin the kernels' behaviour, as
+they are underscore ops of the pinned torch):
 
 - on the CPU, with bf16 activations (which those kernels take): int4 always (its weight is kept in the
-  kernel's layout), int8 for a few rows (decoding);
+  kernel's layout), int8 up to ``PACKED_ROWS`` rows (decoding, short prompts; beyond that dequantizing once
+  and a dense fp32 GEMM is faster on a CPU without native bf16);
 - otherwise (int8 prefill on the CPU, and CUDA and MPS, which have no tested packed path here) the layer's
   weight is dequantized to the activations' dtype for that call and multiplied: one layer's weight at a time
   in 16 or 32 bits, never the model's, so the memory saving holds everywhere, and the speed is the dense
@@ -47,7 +51,8 @@ __all__ = [
 
 MODES = ("int8", "int4")
 INT4_GROUP = 128  # inputs per scale and zero point (the usual choice: llama.cpp's Q4 and GPTQ use 32-128)
-PACKED_ROWS = 16  # up to this many rows a CPU call takes the packed kernel; more rows: dequantize, then GEMM
+PACKED_ROWS = 128  # int8 on the CPU: the packed kernel up to this many rows (at 64 it is 114 ms against 283 ms for
+# dequantizing then a dense GEMM); more rows: dequantize, then GEMM (the kernel's bf16 costs more per row)
 LAYERS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 

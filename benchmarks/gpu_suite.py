@@ -16,7 +16,9 @@ no download, no checkpoint file. Steps, each printed as it runs:
 6. the image-feature cache and constrained decoding through the runner;
 7. static vs continuous batching under Poisson arrivals of a mixed workload, at three rates relative to the
    measured sequential capacity, and a short request behind two long answers (benchmarks/engine_cpu.py's
-   scenario, imported from it, with longer answers and more requests).
+   scenario, imported from it, with longer answers and more requests);
+8. each PHI3V_QUANTIZATION mode (``--quantization int8,int4``) on a fresh model: the weights' memory on the
+   card, decode tokens/s at batch 1 and the time to first token at 4 crops.
 
 Results: benchmarks/results/gpu_<card>.json. Random weights ramble, so every generation runs to its token
 budget (stop tokens are disabled where it matters) and the figures measure the machinery, not answers.
@@ -274,6 +276,31 @@ def poisson_figures(runner: Runner, requests: int, seed: int = 0) -> dict[str, A
     return out
 
 
+def quantization_figures(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
+    """Each PHI3V_QUANTIZATION mode on a fresh random model: the memory its weights take on the card, decode
+    tokens/s at batch 1 and the time to first token at 4 crops, beside the bf16 figures measured above."""
+    from phi3v_tools.model.quantize import quantize_model
+
+    figures: dict[str, Any] = {}
+    for mode in [m for m in args.quantization.split(",") if m]:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated(device)
+        model, processor = build_model(args.size, device, tmp / mode)
+        started = time.perf_counter()
+        layers = quantize_model(model, mode)
+        entry: dict[str, Any] = {"layers": layers, "quantize_s": round(time.perf_counter() - started, 1)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            entry["weights_gb"] = round((torch.cuda.memory_allocated(device) - before) / 1e9, 2)
+        entry["decode_batch_1"] = decode_speed(model, processor, min(args.new_tokens, 64))
+        entry["time_to_first_token_4_crops"] = first_token(model, processor, 4)
+        figures[mode] = entry
+        log(f"{mode}: {json.dumps(entry)}")
+        del model
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
@@ -281,6 +308,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--poisson-requests", type=int, default=48, help="requests per rate and mode (0: skip)")
+    parser.add_argument("--quantization", default="int8,int4", help="modes measured after bf16 ('' to skip)")
     args = parser.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -339,6 +367,9 @@ def main() -> None:
                 results["poisson_batching"] = poisson_figures(runner, args.poisson_requests)
             finally:
                 runner.close()
+
+        del model, runner
+        results["quantization"] = quantization_figures(args, device, Path(tmp))
 
     out = args.out or Path("benchmarks/results") / f"gpu_{card.replace(' ', '_').replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

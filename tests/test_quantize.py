@@ -139,3 +139,17 @@ def test_the_setting_is_checked_at_the_edge_with_one_line_naming_the_variable() 
         Settings.from_env({"PHI3V_QUANTIZATION": "int5"})
     assert Settings.from_env({"PHI3V_QUANTIZATION": "none"}).quantization is None
     assert Settings.from_env({"PHI3V_QUANTIZATION": "int4"}).model_config().quantization == "int4"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_a_loaded_model_gives_the_model_that_quantizing_while_loading_gives(
+    mode: str, quantized: dict[str, Phi3VForCausalLM], tiny_dir: Path
+) -> None:
+    from phi3v_tools.model.quantize import quantize_model
+
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir)
+    assert quantize_model(model, mode) == 4 * model.config.text_config.num_hidden_layers
+    assert not quantizable(model)  # every decoder linear was replaced
+    ids = torch.randint(100, 30000, (1, 24))
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, quantized[mode](input_ids=ids).logits)

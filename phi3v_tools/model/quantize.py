@@ -45,6 +45,7 @@ __all__ = [
     "MODES",
     "QuantizedLinear",
     "quantizable",
+    "quantize_model",
     "quantize_modules",
     "quantized_bytes",
 ]
@@ -190,6 +191,24 @@ def quantize_modules(
             setattr(model.get_submodule(parent), child, module)
             swapped[name] = module
     return swapped
+
+
+def quantize_model(model: nn.Module, mode: str) -> int:
+    """Quantize a loaded model's decoder linears in place, each where its weight is (the GPU suite's models are
+    built in memory, not read); returns how many. The result is what loading with ``quantization=mode`` gives."""
+    layers = quantizable(model)
+    for name, linear in layers.items():
+        weight = linear.weight.detach()
+        with torch.device("meta"):
+            module = QuantizedLinear(
+                linear.in_features, linear.out_features, mode, linear.bias is not None, weight.dtype, weight.device
+            )
+        bias = None if linear.bias is None else linear.bias.detach()
+        for buffer, value in module.quantized(weight, bias).items():
+            setattr(module, buffer, value)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    return len(layers)
 
 
 def quantized_bytes(shapes: list[tuple[int, int]], mode: str | None, dense_bytes: int, scale_bytes: int = 2) -> int:

@@ -627,3 +627,45 @@ def test_asking_for_cuda_without_it_is_one_line_and_exit_1_not_a_traceback(
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "device 'cuda' was asked for" in lines[0], done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_sharded_checkpoint_is_read_one_shard_at_a_time_into_the_same_model(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quantization: str | None
+) -> None:
+    """A laptop loading the real model (two shards of 5 and 3.4 GB) holds the model and one shard's pages."""
+    from phi3v_tools.model import checkpoint as loading
+
+    tensors = load_file(tiny_dir / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, tmp_path / file, {"format": "pt"})
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}), encoding="utf-8")
+    for other in tiny_dir.iterdir():
+        if other.name != "model.safetensors":
+            shutil.copy(other, tmp_path / other.name)
+
+    real_open, open_now, most = loading._open, [0], [0]
+
+    class Counted:
+        def __init__(self, file: Path) -> None:
+            self.handle = real_open(file)
+
+        def __enter__(self) -> Any:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+            return self.handle.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            open_now[0] -= 1
+            self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(loading, "_open", Counted)
+    sharded = Phi3VForCausalLM.from_pretrained(tmp_path, quantization=quantization)
+    single = Phi3VForCausalLM.from_pretrained(tiny_dir, quantization=quantization)
+    assert most[0] == 1
+    ids = torch.randint(100, 30000, (1, 16))
+    with torch.inference_mode():
+        assert torch.equal(sharded(input_ids=ids).logits, single(input_ids=ids).logits)

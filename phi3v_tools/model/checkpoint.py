@@ -11,7 +11,6 @@ place, and anything the model needs but the checkpoint lacks, is an error that n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -386,28 +385,35 @@ def load_weights(
     quantization: str | None = None,
 ) -> None:
     """Read every tensor of ``files`` into ``model`` (built on meta) by the name table; strict."""
-    with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}  # checkpoint name -> the open file holding it
-        for file in files:
-            try:
-                handle = stack.enter_context(safe_open(os.fspath(file), framework="pt", device="cpu"))
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"cannot read {file}: {exc}") from exc
-            handles.update(dict.fromkeys(handle.keys(), handle))
-        _load_state(model, handles, files[0].parent, device, dtype, progress, quantization)
+    keys: dict[str, Path] = {}  # checkpoint name -> the file holding it
+    for file in files:
+        with _open(file) as handle:
+            keys.update(dict.fromkeys(handle.keys(), file))
+    _load_state(model, keys, files[0].parent, device, dtype, progress, quantization)
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(os.fspath(file), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {file}: {exc}") from exc
 
 
 def _load_state(
     model: Phi3VForCausalLM,
-    handles: dict[str, Any],
+    keys: dict[str, Path],
     directory: Path,
     device: torch.device,
     dtype: torch.dtype,
     progress: bool,
     quantization: str | None = None,
 ) -> None:
-    """Check the names against the model, then load each tensor (converted, or quantized) by the name table."""
-    mapping, _skipped, unexpected, missing = plan_loading(sorted(handles), model)
+    """Check the names against the model, then load each tensor (converted, or quantized) by the name table.
+
+    One file is open (memory-mapped) at a time: the pages a load maps are the model's and one shard's, not the
+    whole checkpoint's, which on a laptop is the difference between fitting and swapping.
+    """
+    mapping, _skipped, unexpected, missing = plan_loading(sorted(keys), model)
     if unexpected or missing:
         parts = []
         if missing:
@@ -419,19 +425,31 @@ def _load_state(
     params = dict(model.named_parameters())
     swapped = quantize_modules(model, quantization, dtype, device) if quantization is not None else {}
     state: dict[str, torch.Tensor] = {}
-    for name, target in tqdm(mapping.items(), desc="loading weights", unit="tensor", disable=not progress):
-        tensor = handles[name].get_tensor(name)
-        expected_shape = tuple(params[target].shape)
-        if tuple(tensor.shape) != expected_shape:
-            raise CheckpointError(f"{name} has shape {tuple(tensor.shape)} but the config implies {expected_shape}")
-        owner, _, kind = target.rpartition(".")
-        if owner in swapped and kind == "weight":  # quantized here, one layer at a time: never all in 16 bits
-            for buffer, value in swapped[owner].quantized(tensor.to(device=device, dtype=dtype)).items():
-                state[f"{owner}.{buffer}"] = value
-        else:
-            state[target] = tensor.to(device=device, dtype=dtype)
-    if EMBEDDING_ALIAS in handles:
-        alias = handles[EMBEDDING_ALIAS].get_tensor(EMBEDDING_ALIAS).to(device=device, dtype=dtype)
+    by_file: dict[Path, list[str]] = {}
+    for name in mapping:
+        by_file.setdefault(keys[name], []).append(name)
+    with tqdm(total=len(mapping), desc="loading weights", unit="tensor", disable=not progress) as bar:
+        for file, names in by_file.items():
+            with _open(file) as handle:
+                for name in names:
+                    target = mapping[name]
+                    tensor = handle.get_tensor(name)
+                    expected_shape = tuple(params[target].shape)
+                    if tuple(tensor.shape) != expected_shape:
+                        raise CheckpointError(
+                            f"{name} has shape {tuple(tensor.shape)} but the config implies {expected_shape}"
+                        )
+                    owner, _, kind = target.rpartition(".")
+                    if owner in swapped and kind == "weight":  # quantized one layer at a time: never all in 16 bits
+                        for buffer, value in swapped[owner].quantized(tensor.to(device=device, dtype=dtype)).items():
+                            state[f"{owner}.{buffer}"] = value
+                    else:
+                        state[target] = tensor.to(device=device, dtype=dtype)
+                    del tensor
+                    bar.update()
+    if EMBEDDING_ALIAS in keys:
+        with _open(keys[EMBEDDING_ALIAS]) as handle:
+            alias = handle.get_tensor(EMBEDDING_ALIAS).to(device=device, dtype=dtype)
         if not torch.equal(alias, state["language_model.model.embed_tokens.weight"]):
             raise CheckpointError(f"{EMBEDDING_ALIAS} differs from model.embed_tokens.weight; refusing to guess")
     model.load_state_dict(state, strict=False, assign=True)

@@ -116,7 +116,7 @@ class Settings:
     max_new_tokens: int = 1024  # upper bound a request may ask for
     max_context: int = 4096  # prompt + new tokens; above 4096 LongRoPE switches factors (see the README)
     request_timeout_s: float = 300.0  # waiting + running
-    feature_cache_mb: int | None = None  # None: 2048 on CUDA, 512 on CPU
+    feature_cache_mb: int | None = None  # None: 2048 on CUDA (at most a quarter of what is free), 512 on CPU
     max_prompt_chars: int = 32768  # characters in all messages of a request, checked before tokenizing
     max_schema_bytes: int = 16384  # a caller's output schema as compact JSON
     max_schema_string: int = 2000  # characters in any one key or string of a caller's output schema

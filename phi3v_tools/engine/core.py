@@ -73,6 +73,7 @@ from phi3v_tools.errors import (
 from phi3v_tools.feature_cache import FeatureCache
 from phi3v_tools.grammar import GrammarCompiler
 from phi3v_tools.model.config import STOP_TOKEN_IDS
+from phi3v_tools.model.memory import available_bytes
 from phi3v_tools.model.modeling import Phi3VForCausalLM
 from phi3v_tools.model.processing import Phi3VProcessor
 from phi3v_tools.settings import Settings
@@ -96,8 +97,11 @@ class Engine:
         self.model_id = f"{settings.model}|{model.dtype}|{settings.quantization}"
         self.num_crops = self.limits.num_crops or processor.num_crops
         cache_mb = self.limits.feature_cache_mb
-        if cache_mb is None:
-            cache_mb = 2048 if model.device.type == "cuda" else 512
+        if cache_mb is None:  # on a GPU at most a quarter of what is free after loading (an 8 GB card: ~0.7 GB)
+            cache_mb = 512
+            if model.device.type == "cuda":
+                free = available_bytes(model.device) or 0
+                cache_mb = int(min(2048, free / 4 / 2**20))
         self.feature_cache = FeatureCache(cache_mb * 2**20)
         self.stop_ids = list(STOP_TOKEN_IDS)
         self.schema_limits = self.limits.schema_limits()

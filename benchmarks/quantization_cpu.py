@@ -12,7 +12,8 @@ one after the other, loading that checkpoint as a user's would be loaded, and re
   anonymous resident memory (``RssAnon``: what the model and its work hold, without file pages);
 - decode tokens/s at batch 1 and 8 (a text prompt, ``--new-tokens`` greedy tokens with no stop, less the
   prefill, as the GPU suite measures it);
-- time to first token for one image at 4 crops (the processor's preprocessing, then prefill and one token).
+- time to first token for one image at 4 crops (the processor's preprocessing, then prefill and one token);
+- for the quantized modes, every tool once through the engine (1 crop, 16 new tokens): that each runs.
 
 Then, on the tiny checkpoint, how far each quantized mode strays from the dense model: the logits' relative
 error and greedy-token agreement over a 160-token prompt. **Random weights say nothing about quality with real
@@ -57,6 +58,17 @@ def anon_gb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def write_checkpoint(out: Path) -> float:
@@ -152,9 +164,55 @@ def worker(mode: str, checkpoint: Path, new_tokens: int) -> dict[str, Any]:
         "prefill_and_first_token_s": round(first, 1),
         "time_to_first_token_s": round(preprocess + first, 1),
     }
+    if quantization is not None:
+        result["tools"] = every_tool(model, processor, checkpoint)
     result["peak_rss_gb"] = rss_gb()
     result["anon_rss_at_end_gb"] = anon_gb()
     return result
+
+
+def every_tool(model: Any, processor: Any, checkpoint: Path) -> dict[str, Any]:
+    """Every tool once on this model through the engine, at 1 crop and 16 new tokens (a CPU prefill of the
+    full model takes a minute at 4 crops): each call's outcome and seconds."""
+    from phi3v_tools.demo import book_cover, revenue_chart, sales_table, scene
+    from phi3v_tools.images import ImagePolicy
+    from phi3v_tools.runner import Runner
+    from phi3v_tools.settings import Settings
+    from phi3v_tools.tools import Toolbox
+
+    outcomes: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        pictures = {"chart": revenue_chart(), "cover": book_cover(), "a": scene(False), "b": scene(True)}
+        pictures["table"] = sales_table()
+        for name, picture in pictures.items():
+            picture.save(folder / f"{name}.png")
+        path = {name: str(folder / f"{name}.png") for name in pictures}
+        settings = Settings(model=str(checkpoint), num_crops=1, max_new_tokens=16, batch_window_ms=0)
+        runner = Runner(model, processor, settings)
+        tools = Toolbox(runner, ImagePolicy(allowed_dirs=(folder,)))
+        schema = {"type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"]}
+        calls = {
+            "describe_image": lambda: tools.describe_image(path["chart"], detail="brief"),
+            "read_text": lambda: tools.read_text(path["cover"], fields=["title", "author"]),
+            "compare_images": lambda: tools.compare_images([path["a"], path["b"]]),
+            "ask_images": lambda: tools.ask_images(path["chart"], "How many bars?", schema),
+            "read_table": lambda: tools.read_table(path["table"]),
+        }
+        try:
+            for name, call in calls.items():
+                begun = time.perf_counter()
+                try:
+                    answer = call()
+                    outcome: dict[str, Any] = {"ok": True, "completion_tokens": answer.call.completion_tokens}
+                except Exception as exc:  # a recorded outcome, not a crash (random weights write garbage)
+                    outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                outcome["seconds"] = round(time.perf_counter() - begun, 1)
+                outcomes[name] = outcome
+                print(json.dumps({name: outcome}), file=sys.stderr, flush=True)
+        finally:
+            runner.close()
+    return outcomes
 
 
 def tiny_agreement() -> dict[str, Any]:
@@ -189,17 +247,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quantization_cpu.json")
     parser.add_argument("--checkpoint", type=Path, help="a full-size checkpoint already written (kept)")
     parser.add_argument("--keep", type=Path, help="write the full-size checkpoint here and keep it")
+    parser.add_argument("--update", action="store_true", help="replace only these modes in an existing --out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.checkpoint, args.new_tokens)))
         return
     results: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {platform.system()}",
         "date": time.strftime("%Y-%m-%d"),
         "model": "Phi-3-vision-128k-instruct's official config, random bf16 weights (N(0, 0.02)), written once",
         "modes": {},
     }
+    if args.update and args.out.is_file():
+        earlier = json.loads(args.out.read_text(encoding="utf-8"))
+        results["modes"] = earlier.get("modes", {})
+        results["dates"] = sorted({earlier.get("date", ""), results["date"]} - {""})
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
         flags = next((line for line in info if line.startswith("flags")), "").split()
     results["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]

@@ -186,7 +186,7 @@ _MODEL_OPTIONS = (
     click.option("--device", help="cuda, cuda:1, cpu, mps, auto. [env: PHI3V_DEVICE; default: CUDA if present]"),
     click.option(
         "--quantization",
-        type=click.Choice(["int8", "int4"]),
+        type=click.Choice(["int8", "int4", "none"], case_sensitive=False),
         help="Weight-only quantization of the language model. [env: PHI3V_QUANTIZATION; default: none]",
     ),
     click.option(
@@ -524,7 +524,7 @@ def _estimate(settings: Settings, as_json: bool) -> None:
         device = choose_device(settings.device)
         dtype = choose_dtype(settings.dtype, device, config)
         crops = settings.num_crops or _checkpoint_crops(directory)
-        rows = plans(config, dtype, num_crops=crops, max_context=settings.max_context)
+        rows = plans(config, dtype, num_crops=crops, max_context=settings.max_context, device_type=device.type)
         free = available_bytes(device)
     except (Phi3VToolsError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -97,7 +97,7 @@ class Settings:
     remote_timeout_s: float = 330.0  # the longest wait for the server's next bytes (it may take request_timeout_s)
     remote_max_in_flight: int = 64  # calls sent to base_url at once; more wait for a connection
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
-    dtype: str | None = None  # "bfloat16", "float32", "auto"; None: bf16 on CUDA, fp32 on CPU
+    dtype: str | None = None  # "bfloat16", "float32", "auto"; None: bf16 on CUDA, fp16 on MPS, fp32 on CPU
     attn_implementation: str | None = None  # "sdpa", "flash_attention_2", "eager"; None: best available
     quantization: str | None = None  # "int8", "int4": the language model's decoder linears; None: all in dtype
     cpu_threads: int | None = None  # torch's intra-op threads (process-wide: a CPU model's matmuls); None: torch's
@@ -220,8 +220,8 @@ class Settings:
                 values[f.name] = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
             elif f.name == "mcp_allowed_hosts":
                 values[f.name] = tuple(h.strip() for h in raw.split(",") if h.strip())
-            elif f.name == "quantization" and raw.lower() == "none":
-                continue
+            elif f.name == "quantization":
+                values[f.name] = raw.lower()
             elif f.name == "allow_urls":
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ValueError(f"{ENV_PREFIX}ALLOW_URLS must be true or false, got {raw!r}")
@@ -229,6 +229,10 @@ class Settings:
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("quantization"), str):  # "none" (a flag overriding the variable): dense
+            values["quantization"] = values["quantization"].lower()
+            if values["quantization"] == "none":
+                values["quantization"] = None
         # Defaults that would clash with a limit the caller lowered follow it, rather than refuse what was not set.
         context = values.get("max_context")
         if "max_new_tokens" not in values and isinstance(context, int) and context <= cls.max_new_tokens:

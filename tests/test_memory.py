@@ -105,3 +105,12 @@ def test_the_cpu_thread_count_is_a_checked_setting_the_engine_applies_when_it_lo
         assert torch.get_num_threads() == target
     finally:
         torch.set_num_threads(before)
+
+
+def test_on_a_gpu_the_feature_cache_takes_at_most_a_quarter_of_the_memory_left_after_loading() -> None:
+    from phi3v_tools.engine.core import default_feature_cache_mb
+
+    assert default_feature_cache_mb("cpu", None) == 512
+    assert default_feature_cache_mb("cuda", 80 * 2**30) == 2048  # a large card: the 2 GB cap
+    assert default_feature_cache_mb("cuda", int(2.9 * 2**30)) == int(2.9 * 1024 / 4)  # an 8 GB card with int8
+    assert default_feature_cache_mb("cuda", None) == 0

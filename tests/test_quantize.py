@@ -98,11 +98,12 @@ def test_loading_quantizes_the_decoder_linears_only_and_they_take_the_modes_byte
     assert held < fp32 / (3 if mode == "int8" else 6)  # about 1/4 and 1/8 of fp32 (scales cost more on tiny layers)
 
 
-@pytest.mark.parametrize(("mode", "bound"), [("int8", 0.05), ("int4", 0.4)])
+@pytest.mark.parametrize(("mode", "bound", "agreeing"), [("int8", 0.01, 0.97), ("int4", 0.1, 0.75)])
 def test_a_quantized_model_stays_near_the_dense_one(
-    mode: str, bound: float, quantized: dict[str, Phi3VForCausalLM], tiny_model: Phi3VForCausalLM
+    mode: str, bound: float, agreeing: float, quantized: dict[str, Phi3VForCausalLM], tiny_model: Phi3VForCausalLM
 ) -> None:
-    """Logit error and greedy-token agreement against the unquantized tiny model, at prefill and at decode."""
+    """Logit error and greedy-token agreement against the unquantized tiny model, at prefill and at decode
+    (measured: int8 0.4 % and 100 %, int4 5.6 % and 89 %; benchmarks/quantization_cpu.py)."""
     torch.manual_seed(1)
     ids = torch.randint(100, 30000, (1, PACKED_ROWS + 32))
     with torch.inference_mode():
@@ -111,9 +112,9 @@ def test_a_quantized_model_stays_near_the_dense_one(
         dense_one = tiny_model(input_ids=ids[:, :1]).logits
         ours_one = quantized[mode](input_ids=ids[:, :1]).logits  # 1 row: the decode path
     assert relative_error(ours, dense) < bound
-    assert relative_error(ours_one, dense_one) < bound
+    assert relative_error(ours_one, dense_one) < 1.5 * bound  # one position varies more than 160 do
     agreement = float((ours.argmax(-1) == dense.argmax(-1)).float().mean())
-    assert agreement > (0.8 if mode == "int8" else 0.5)
+    assert agreement > agreeing
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -129,16 +130,45 @@ def test_every_tool_runs_on_a_quantized_engine(mode: str, tiny_dir: Path, sample
     assert tools.read_table(str(sample_images["table"])).call.completion_tokens > 0
 
 
-def test_a_quantized_engine_is_a_model_of_its_own_not_the_dense_ones(tiny_runner: Runner, tiny_dir: Path) -> None:
+def test_a_quantized_engine_is_a_model_of_its_own_not_the_dense_ones(tiny_dir: Path) -> None:
     dense = get_runner(Settings(model=str(tiny_dir)))
-    assert get_runner(Settings(model=str(tiny_dir), quantization="int8")) is not dense
+    int8 = get_runner(Settings(model=str(tiny_dir), quantization="int8"))
+    assert int8 is not dense and get_runner(Settings(model=str(tiny_dir), quantization="int8")) is int8
+    assert (dense.info()["quantization"], int8.info()["quantization"]) == (None, "int8")
+    assert dense.model_id != int8.model_id  # their image features are cached apart
+
+
+def test_an_engine_reports_what_its_model_holds_also_when_it_was_quantized_in_memory(
+    tiny_dir: Path, tiny_processor: object
+) -> None:
+    from phi3v_tools.model.quantize import quantize_model
+
+    model = Phi3VForCausalLM.from_pretrained(tiny_dir)
+    quantize_model(model, "int4")
+    runner = Runner(model, tiny_processor, Settings(model=str(tiny_dir)))  # type: ignore[arg-type]
+    try:
+        assert runner.info()["quantization"] == "int4"
+    finally:
+        runner.close()
+
+
+def test_a_cpu_int4_model_moved_to_another_device_says_to_load_it_there(quantized: dict) -> None:
+    from phi3v_tools.errors import DeviceError
+
+    layer = next(m for m in quantized["int4"].modules() if isinstance(m, QuantizedLinear))
+    moved = QuantizedLinear(layer.in_features, layer.out_features, "int4", False, torch.float32, CPU)
+    moved.qweight = layer.qweight.to("meta")  # stands for a tensor on another device
+    moved.scales = layer.scales
+    with pytest.raises(DeviceError, match="load it on the device it runs on"):
+        moved(torch.randn(1, layer.in_features))
 
 
 def test_the_setting_is_checked_at_the_edge_with_one_line_naming_the_variable() -> None:
     with pytest.raises(ValueError, match="PHI3V_QUANTIZATION must be one of int8, int4"):
         Settings.from_env({"PHI3V_QUANTIZATION": "int5"})
     assert Settings.from_env({"PHI3V_QUANTIZATION": "none"}).quantization is None
-    assert Settings.from_env({"PHI3V_QUANTIZATION": "int4"}).model_config().quantization == "int4"
+    assert Settings.from_env({"PHI3V_QUANTIZATION": "INT4"}).model_config().quantization == "int4"
+    assert Settings.from_env({"PHI3V_QUANTIZATION": "int8"}, quantization="none").quantization is None  # --flag
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -76,6 +76,7 @@ from phi3v_tools.model.config import STOP_TOKEN_IDS
 from phi3v_tools.model.memory import available_bytes
 from phi3v_tools.model.modeling import Phi3VForCausalLM
 from phi3v_tools.model.processing import Phi3VProcessor
+from phi3v_tools.model.quantize import describe
 from phi3v_tools.settings import Settings
 from phi3v_tools.structured import prepare_schema
 
@@ -94,14 +95,13 @@ class Engine:
         self.settings = settings
         self.limits = settings.engine_limits()
         self.model_name = settings.model
-        self.model_id = f"{settings.model}|{model.dtype}|{settings.quantization}"
+        self.quantization = describe(model)  # what the model holds (a model quantized in memory too)
+        self.model_id = f"{settings.model}|{model.dtype}|{self.quantization}"
         self.num_crops = self.limits.num_crops or processor.num_crops
         cache_mb = self.limits.feature_cache_mb
-        if cache_mb is None:  # on a GPU at most a quarter of what is free after loading (an 8 GB card: ~0.7 GB)
-            cache_mb = 512
-            if model.device.type == "cuda":
-                free = available_bytes(model.device) or 0
-                cache_mb = int(min(2048, free / 4 / 2**20))
+        if cache_mb is None:
+            free = available_bytes(model.device) if model.device.type == "cuda" else None
+            cache_mb = default_feature_cache_mb(model.device.type, free)
         self.feature_cache = FeatureCache(cache_mb * 2**20)
         self.stop_ids = list(STOP_TOKEN_IDS)
         self.schema_limits = self.limits.schema_limits()
@@ -194,7 +194,7 @@ class Engine:
             "device": str(self.model.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "attn_implementation": self.model.attn_implementation,
-            "quantization": self.settings.quantization,
+            "quantization": self.quantization,
             "num_crops": self.num_crops,
             "queue": self._pending,
             "max_queue": self.limits.max_queue,
@@ -683,6 +683,14 @@ class Engine:
             for row in rows:
                 if row.handle.pending:
                     row.handle.fail(error)
+
+
+def default_feature_cache_mb(device_type: str, free_bytes: int | None) -> int:
+    """512 MB on the CPU; on a GPU 2 GB, or a quarter of what is free after loading if less (an 8 GB card
+    running int8 keeps room for its KV cache: about 0.7 GB)."""
+    if device_type != "cuda":
+        return 512
+    return int(min(2048, (free_bytes or 0) / 4 / 2**20))
 
 
 def _out_of_memory(prompt_tokens: int) -> OutOfMemoryError:

@@ -410,8 +410,10 @@ def _load_state(
 ) -> None:
     """Check the names against the model, then load each tensor (converted, or quantized) by the name table.
 
-    One file is open (memory-mapped) at a time: the pages a load maps are the model's and one shard's, not the
-    whole checkpoint's, which on a laptop is the difference between fitting and swapping.
+    One file is open (memory-mapped) at a time, and a tensor converted on the way (another dtype or device,
+    or quantized) releases its shard's pages once read: a load holds the model and one shard, not the whole
+    checkpoint, which on a laptop is the difference between fitting and swapping. A tensor kept as the file
+    stores it on the CPU stays a view of the file's (clean, reclaimable) pages instead of a copy.
     """
     mapping, _skipped, unexpected, missing = plan_loading(sorted(keys), model)
     if unexpected or missing:
@@ -448,11 +450,13 @@ def _load_state(
                     del tensor
                     bar.update()
     if EMBEDDING_ALIAS in keys:
-        with _open(keys[EMBEDDING_ALIAS]) as handle:
-            alias = handle.get_tensor(EMBEDDING_ALIAS).to(device=device, dtype=dtype)
-        if not torch.equal(alias, state["language_model.model.embed_tokens.weight"]):
+        with _open(keys[EMBEDDING_ALIAS]) as handle:  # compared on the CPU: no second copy on the device
+            alias = handle.get_tensor(EMBEDDING_ALIAS).to(dtype=dtype)
+        if not torch.equal(alias, state["language_model.model.embed_tokens.weight"].cpu()):
             raise CheckpointError(f"{EMBEDDING_ALIAS} differs from model.embed_tokens.weight; refusing to guess")
     model.load_state_dict(state, strict=False, assign=True)
+    if device.type == "cuda":  # the temporaries of converting and quantizing: free for the KV cache and features
+        torch.cuda.empty_cache()
 
 
 def _listing(names: list[str], limit: int = 12) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ __all__ = ["MemoryPlan", "available_bytes", "check_fits", "plan", "plans"]
 
 GB = 1e9
 CLIP_TOKENS = 577  # 336 / 14 = 24 x 24 patches + CLS
-PREFILL_CHUNK = 2048
+PREFILL_CHUNK = 2048  # the engine's default chunk (PHI3V_PREFILL_CHUNK_TOKENS may set more; the plan keeps this)
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,16 @@ class MemoryPlan:
 
 
 def plan(
-    config: Phi3VConfig, dtype: torch.dtype, quantization: str | None, *, num_crops: int = 16, max_context: int = 4096
+    config: Phi3VConfig,
+    dtype: torch.dtype,
+    quantization: str | None,
+    *,
+    num_crops: int = 16,
+    max_context: int = 4096,
+    device_type: str = "cuda",
 ) -> MemoryPlan:
-    """The memory one mode takes for ``config`` with activations in ``dtype``."""
+    """The memory one mode takes for ``config`` with activations in ``dtype`` on a ``device_type`` device (the
+    CPU keeps int4's scales in bf16, other devices in ``dtype``)."""
     from phi3v_tools.model.checkpoint import build_empty_model
 
     element = torch.empty((), dtype=dtype).element_size()
@@ -67,7 +75,7 @@ def plan(
     linear_params = {f"{name}.{p}" for name, m in linears.items() for p, _ in m.named_parameters()}
     rest = sum(p.numel() for name, p in model.named_parameters() if name not in linear_params)
     shapes = [(m.out_features, m.in_features) for m in linears.values()]
-    scale_bytes = 2 if quantization == "int4" else element
+    scale_bytes = 2 if quantization == "int4" and device_type == "cpu" else element
     if quantization == "int4":
         for _out, inputs in shapes:
             int4_group(inputs)  # raises for a layer int4 cannot take
@@ -99,9 +107,12 @@ def plan(
     )
 
 
-def plans(config: Phi3VConfig, dtype: torch.dtype, *, num_crops: int = 16, max_context: int = 4096) -> list[MemoryPlan]:
+def plans(
+    config: Phi3VConfig, dtype: torch.dtype, *, num_crops: int = 16, max_context: int = 4096, device_type: str = "cuda"
+) -> list[MemoryPlan]:
     """The dense mode (``dtype``) and every quantization mode, smallest last."""
-    return [plan(config, dtype, mode, num_crops=num_crops, max_context=max_context) for mode in (None, *MODES)]
+    options: dict[str, Any] = {"num_crops": num_crops, "max_context": max_context, "device_type": device_type}
+    return [plan(config, dtype, mode, **options) for mode in (None, *MODES)]
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -136,11 +147,12 @@ def check_fits(
     available: int | None = None,
 ) -> MemoryPlan:
     """The plan for this load; an :class:`OutOfMemoryError` naming the modes that fit when it cannot fit."""
-    chosen = plan(config, dtype, quantization, num_crops=num_crops, max_context=max_context)
+    options: dict[str, Any] = {"num_crops": num_crops, "max_context": max_context, "device_type": device.type}
+    chosen = plan(config, dtype, quantization, **options)
     free = available if available is not None else available_bytes(device)
     if free is None or chosen.to_run <= free:
         return chosen
-    others = [p for p in plans(config, dtype, num_crops=num_crops, max_context=max_context) if p.mode != chosen.mode]
+    others = [p for p in plans(config, dtype, **options) if p.mode != chosen.mode]
     fitting = [p for p in others if p.to_run <= free and p.to_run < chosen.to_run]
     where = "this machine's available memory" if device.type == "cpu" else f"{device}'s free memory"
     message = (

@@ -116,13 +116,15 @@ class QuantizedLinear(nn.Module):
         weight = weight.float()
         out: dict[str, torch.Tensor]
         if self.mode == "int8":
-            scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+            scales = self._stored(weight.abs().amax(dim=1).clamp(min=1e-12) / 127, self.dtype)
             q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
             out = {"qweight": q, "scales": scales.to(self.dtype)}
         else:
             grouped = weight.view(self.out_features, -1, self.group)
             low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-            scales = (high - low).clamp(min=1e-12) / 15
+            kept = torch.bfloat16 if self.cpu_int4 else self.dtype  # what the scales are stored in
+            scales = self._stored((high - low).clamp(min=1e-12) / 15, kept)
+            low = self._stored(low, kept)
             q = torch.round((grouped - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
             q = q.view(self.out_features, self.in_features)
             if self.cpu_int4:
@@ -137,15 +139,21 @@ class QuantizedLinear(nn.Module):
             out["bias"] = bias.to(self.dtype)
         return out
 
+    @staticmethod
+    def _stored(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``values`` as they will be stored (rounded to ``dtype``), in fp32: the weights are quantized against
+        the scales the kernels will read, not against more precise ones."""
+        return values.to(dtype).float()
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight the quantized one stands for, in ``dtype``."""
         if self.mode == "int8":
-            return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+            return self.qweight.to(dtype).mul_(self.scales.to(dtype)[:, None])  # one full-size temporary
         if self.cpu_int4:  # the kernel on an identity: exact, and only for checks (it costs a GEMM)
             eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qweight.device)
             return self._int4_cpu(eye).to(dtype).T.contiguous()
         nibbles = torch.stack([self.qweight >> 4, self.qweight & 15], dim=-1).view(self.out_features, -1, self.group)
-        weight = nibbles.to(dtype) * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
+        weight = nibbles.to(dtype).mul_(self.scales.to(dtype)[..., None]).add_(self.zeros.to(dtype)[..., None])
         return weight.view(self.out_features, self.in_features)
 
     # -- running ------------------------------------------------------------------------------------------------------
@@ -153,6 +161,11 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.cpu_int4 and self.qweight.device.type != "cpu":
+            raise DeviceError(
+                "this int4 model was quantized for the CPU (its weights are in the CPU kernel's layout); load it "
+                "on the device it runs on (PHI3V_DEVICE) instead of moving it"
+            )
         if self.cpu_int4 or (
             self.mode == "int8" and x.device.type == "cpu" and rows <= PACKED_ROWS and _has("_weight_int8pack_mm")
         ):

@@ -528,7 +528,8 @@ def _estimate(settings: Settings, as_json: bool) -> None:
         free = available_bytes(device)
     except (Phi3VToolsError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    modes = [{**row.as_dict(), "fits": None if free is None else row.to_run <= free} for row in rows]
+    fits = [None if free is None else row.to_run <= free for row in rows]
+    modes = [{**row.as_dict(), "fits": fit} for row, fit in zip(rows, fits, strict=True)]
     report = {
         "model": settings.model,
         "device": str(device),
@@ -544,11 +545,11 @@ def _estimate(settings: Settings, as_json: bool) -> None:
     click.echo(f"model: {settings.model}")
     click.echo(f"device: {device} (available: {where}); num_crops {crops}, max_context {settings.max_context}")
     click.echo(f"{'mode':<10}{'weights':>10}{'KV/token':>11}{'KV/context':>12}{'activations':>13}{'needs':>9}  fits")
-    for row in rows:
-        fits = "?" if free is None else ("yes" if row.to_run <= free else "no")
+    shown = {None: "?", True: "yes", False: "no"}
+    for row, fit in zip(rows, fits, strict=True):
         click.echo(
             f"{row.mode:<10}{row.weights / GB:>8.2f}GB{row.kv_per_token / 2**20:>9.3f}MB{row.context_kv / GB:>10.2f}GB"
-            f"{row.activations / GB:>11.2f}GB{row.to_run / GB:>7.2f}GB  {fits}"
+            f"{row.activations / GB:>11.2f}GB{row.to_run / GB:>7.2f}GB  {shown[fit]}"
         )
 
 

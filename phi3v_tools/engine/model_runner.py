@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from phi3v_tools.engine.scheduler import KV_GPU_FRACTION, KV_HOST_BYTES
+from phi3v_tools.model import memory
 from phi3v_tools.model.generation import BatchDecoder
 from phi3v_tools.model.modeling import Phi3VForCausalLM, positions_from_mask
 from phi3v_tools.model.processing import Phi3VProcessor
@@ -47,12 +48,7 @@ from phi3v_tools.settings import ModelConfig, Settings
 
 def kv_bytes_per_token(model: Phi3VForCausalLM) -> int:
     """Bytes one position of the KV cache takes: keys and values, every layer, in the model's dtype."""
-    text = model.config.text_config
-    heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or int(text.hidden_size) // heads)
-    element = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * element
+    return memory.kv_bytes_per_token(model.config.text_config, torch.empty((), dtype=model.dtype).element_size())
 
 
 def kv_memory_bytes(device: torch.device, reserved: int = 0) -> int:
@@ -60,14 +56,11 @@ def kv_memory_bytes(device: torch.device, reserved: int = 0) -> int:
     (memory promised to something that has not allocated it yet, e.g. the feature cache); on the CPU the same
     share of the host's available memory, at most a fixed amount (the host's memory is everyone's); on MPS,
     whose free memory cannot be known, the fixed amount."""
-    from phi3v_tools.model.memory import available_bytes
-
-    free = available_bytes(device)
-    if device.type == "cuda" and free is not None:
-        return int(max(free - reserved, 0) * KV_GPU_FRACTION)
+    free = memory.available_bytes(device)
     if free is None:
         return KV_HOST_BYTES
-    return int(min(KV_HOST_BYTES, max(free - reserved, 0) * KV_GPU_FRACTION))
+    share = int(max(free - reserved, 0) * KV_GPU_FRACTION)
+    return share if device.type == "cuda" else min(KV_HOST_BYTES, share)
 
 
 def load_pretrained(

@@ -56,6 +56,37 @@ class MemoryPlan:
         }
 
 
+def kv_bytes_per_token(text: Any, element: int) -> int:
+    """Bytes one position of the KV cache takes: keys and values, every layer, ``element`` bytes each."""
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or int(text.hidden_size) // heads)
+    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * element
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """What the plans count, read once from the meta model: the parameters outside the decoder linears, the
+    linears' (out, in) shapes, and the outputs of those with a bias."""
+
+    rest: int
+    linears: tuple[tuple[int, int], ...]
+    bias_outputs: int
+
+    @classmethod
+    def of(cls, config: Phi3VConfig) -> _Shapes:
+        from phi3v_tools.model.checkpoint import build_empty_model
+
+        model: torch.nn.Module = build_empty_model(config)  # meta: shapes only
+        linears = quantizable(model)
+        linear_params = {f"{name}.{p}" for name, m in linears.items() for p, _ in m.named_parameters()}
+        return cls(
+            rest=sum(p.numel() for name, p in model.named_parameters() if name not in linear_params),
+            linears=tuple((m.out_features, m.in_features) for m in linears.values()),
+            bias_outputs=sum(m.out_features for m in linears.values() if m.bias is not None),
+        )
+
+
 def plan(
     config: Phi3VConfig,
     dtype: torch.dtype,
@@ -64,30 +95,22 @@ def plan(
     num_crops: int = 16,
     max_context: int = 4096,
     device_type: str = "cuda",
+    shapes: _Shapes | None = None,
 ) -> MemoryPlan:
     """The memory one mode takes for ``config`` with activations in ``dtype`` on a ``device_type`` device (the
     CPU keeps int4's scales in bf16, other devices in ``dtype``)."""
-    from phi3v_tools.model.checkpoint import build_empty_model
-
     element = torch.empty((), dtype=dtype).element_size()
-    model: torch.nn.Module = build_empty_model(config)  # meta: shapes only
-    linears = quantizable(model)
-    linear_params = {f"{name}.{p}" for name, m in linears.items() for p, _ in m.named_parameters()}
-    rest = sum(p.numel() for name, p in model.named_parameters() if name not in linear_params)
-    shapes = [(m.out_features, m.in_features) for m in linears.values()]
+    counted = shapes or _Shapes.of(config)
+    linears = list(counted.linears)
     scale_bytes = 2 if quantization == "int4" and device_type == "cpu" else element
     if quantization == "int4":
-        for _out, inputs in shapes:
+        for _out, inputs in linears:
             int4_group(inputs)  # raises for a layer int4 cannot take
-    weights = rest * element + quantized_bytes(shapes, quantization, element, scale_bytes)
-    weights += sum(m.out_features * element for m in linears.values() if m.bias is not None)
+    weights = counted.rest * element + quantized_bytes(linears, quantization, element, scale_bytes)
+    weights += counted.bias_outputs * element
 
     text = config.text_config
-    heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or int(text.hidden_size) // heads)
-    kv_per_token = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * element
-
+    kv_per_token = kv_bytes_per_token(text, element)
     vision = config.vision_config
     crops = num_crops + 1
     width, inner, vision_heads = int(vision.hidden_size), int(vision.intermediate_size), int(vision.num_attention_heads)
@@ -96,7 +119,7 @@ def plan(
     hidden, intermediate = int(text.hidden_size), int(text.intermediate_size)
     prefill_act = chunk * (3 * intermediate + 6 * hidden) * element
     if quantization is not None:  # a dequantized layer, one at a time, where no packed kernel runs
-        prefill_act += max((o * i for o, i in shapes), default=0) * element
+        prefill_act += max((o * i for o, i in linears), default=0) * element
     return MemoryPlan(
         mode=quantization or str(dtype).removeprefix("torch."),
         weights=weights,
@@ -110,9 +133,10 @@ def plan(
 def plans(
     config: Phi3VConfig, dtype: torch.dtype, *, num_crops: int = 16, max_context: int = 4096, device_type: str = "cuda"
 ) -> list[MemoryPlan]:
-    """The dense mode (``dtype``) and every quantization mode, smallest last."""
+    """The dense mode (``dtype``) and every quantization mode, smallest last (the shapes are counted once)."""
+    shapes = _Shapes.of(config)
     options: dict[str, Any] = {"num_crops": num_crops, "max_context": max_context, "device_type": device_type}
-    return [plan(config, dtype, mode, **options) for mode in (None, *MODES)]
+    return [plan(config, dtype, mode, shapes=shapes, **options) for mode in (None, *MODES)]
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -147,12 +171,12 @@ def check_fits(
     available: int | None = None,
 ) -> MemoryPlan:
     """The plan for this load; an :class:`OutOfMemoryError` naming the modes that fit when it cannot fit."""
-    options: dict[str, Any] = {"num_crops": num_crops, "max_context": max_context, "device_type": device.type}
-    chosen = plan(config, dtype, quantization, **options)
+    every = plans(config, dtype, num_crops=num_crops, max_context=max_context, device_type=device.type)
+    chosen = every[0] if quantization is None else every[1 + MODES.index(quantization)]
     free = available if available is not None else available_bytes(device)
     if free is None or chosen.to_run <= free:
         return chosen
-    others = [p for p in plans(config, dtype, **options) if p.mode != chosen.mode]
+    others = [p for p in every if p.mode != chosen.mode]
     fitting = [p for p in others if p.to_run <= free and p.to_run < chosen.to_run]
     where = "this machine's available memory" if device.type == "cpu" else f"{device}'s free memory"
     message = (

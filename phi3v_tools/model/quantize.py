@@ -88,6 +88,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {mode!r}")
         self.in_features, self.out_features, self.mode, self.dtype = in_features, out_features, mode, dtype
         self.cpu_int4 = mode == "int4" and device.type == "cpu" and _has("_weight_int4pack_mm_for_cpu")
+        self.packed_int8 = mode == "int8" and _has("_weight_int8pack_mm")  # looked up once, not per call
         if mode == "int8":
             self.group = in_features
             self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
@@ -166,9 +167,7 @@ class QuantizedLinear(nn.Module):
                 "this int4 model was quantized for the CPU (its weights are in the CPU kernel's layout); load it "
                 "on the device it runs on (PHI3V_DEVICE) instead of moving it"
             )
-        if self.cpu_int4 or (
-            self.mode == "int8" and x.device.type == "cpu" and rows <= PACKED_ROWS and _has("_weight_int8pack_mm")
-        ):
+        if self.cpu_int4 or (self.packed_int8 and x.device.type == "cpu" and rows <= PACKED_ROWS):
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
             if self.cpu_int4:
                 out = self._int4_cpu(flat)

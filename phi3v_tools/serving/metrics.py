@@ -25,6 +25,7 @@ holds:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -107,54 +108,45 @@ class Metrics:
             import prometheus_client as prom
         except ImportError:
             raise missing() from None
-        self._prom = prom
         self.registry = prom.CollectorRegistry()
         prom.ProcessCollector(registry=self.registry)
         prom.PlatformCollector(registry=self.registry)
-        self.http_requests = prom.Counter(
+        counter = functools.partial(prom.Counter, registry=self.registry)
+        histogram = functools.partial(prom.Histogram, registry=self.registry)
+        self.http_requests = counter(
             "phi3v_http_requests",
             "HTTP requests answered, by surface and status code",
             ["surface", "code"],
-            registry=self.registry,
         )
-        self.success = prom.Counter(
+        self.success = counter(
             "phi3v_request_success",
             "Chat completions answered, by finish reason and streaming",
             ["finish_reason", "stream"],
-            registry=self.registry,
         )
-        self.failure = prom.Counter(
+        self.failure = counter(
             "phi3v_request_failure",
             "Chat completions that failed, by OpenAI error type",
             ["type"],
-            registry=self.registry,
         )
-        self.latency = prom.Histogram(
+        self.latency = histogram(
             "phi3v_e2e_request_latency_seconds",
             "Chat completion latency, request in to answer out",
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.first_token = prom.Histogram(
+        self.first_token = histogram(
             "phi3v_time_to_first_token_seconds",
             "Submitted to the engine -> first new token",
             buckets=FIRST_TOKEN_BUCKETS,
-            registry=self.registry,
         )
-        self.queue_time = prom.Histogram(
+        self.queue_time = histogram(
             "phi3v_request_queue_time_seconds",
             "Submitted to the engine -> admitted to the running batch",
             buckets=FIRST_TOKEN_BUCKETS,
-            registry=self.registry,
         )
-        self.prompt_tokens = prom.Counter(
-            "phi3v_prompt_tokens", "Prompt tokens of answered chat completions", registry=self.registry
-        )
-        self.generation_tokens = prom.Counter(
-            "phi3v_generation_tokens", "Completion tokens of answered chat completions", registry=self.registry
-        )
-        self.cached_images = prom.Counter(
-            "phi3v_cached_images", "Images whose features came from the engine's feature cache", registry=self.registry
+        self.prompt_tokens = counter("phi3v_prompt_tokens", "Prompt tokens of answered chat completions")
+        self.generation_tokens = counter("phi3v_generation_tokens", "Completion tokens of answered chat completions")
+        self.cached_images = counter(
+            "phi3v_cached_images", "Images whose features came from the engine's feature cache"
         )
         self.registry.register(_EngineCollector(info))
 

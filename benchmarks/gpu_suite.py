@@ -18,7 +18,11 @@ no download, no checkpoint file. Steps, each printed as it runs:
    measured sequential capacity, and a short request behind two long answers (benchmarks/engine_cpu.py's
    scenario, imported from it, with longer answers and more requests);
 8. each PHI3V_QUANTIZATION mode (``--quantization int8,int4``) on a fresh model: the weights' memory on the
-   card, decode tokens/s at batch 1 and the time to first token at 4 crops.
+   card, decode tokens/s at batch 1 and the time to first token at 4 crops;
+9. with ``--replicas N`` (a machine with N GPUs, the ``ray`` extra): ``phi3v-tools serve --replicas 1`` and then
+   ``--replicas N`` on a full-size random checkpoint written to disk (benchmarks/quantization_cpu.py's writer,
+   which needs the shared reference configs), one GPU a replica: describe_image calls/s and p50/p95 at
+   concurrency 16 x N through the remote backend, and the ratio (benchmarks/ray_replicas.py's measurement).
 
 Results: benchmarks/results/gpu_<card>.json. Random weights ramble, so every generation runs to its token
 budget (stop tokens are disabled where it matters) and the figures measure the machinery, not answers.
@@ -301,6 +305,33 @@ def quantization_figures(args: argparse.Namespace, device: torch.device, tmp: Pa
     return figures
 
 
+def replica_figures(replicas: int, tmp: Path, size: str, device: torch.device) -> dict[str, Any]:
+    """Step 9: the same describe_image calls against 1 and ``replicas`` Ray Serve replicas of a full-size random
+    checkpoint, one GPU each (each replica is its own process; this one's model was freed before)."""
+    sys.path.insert(0, str(HERE))
+    from quantization_cpu import write_checkpoint
+    from ray_replicas import Server, pictures, throughput
+
+    checkpoint = tmp / f"{size}-checkpoint"
+    started = time.perf_counter()
+    write_checkpoint(checkpoint) if size == "full" else make_tiny_checkpoint(checkpoint)
+    figures: dict[str, Any] = {"write_checkpoint_s": round(time.perf_counter() - started, 1)}
+    gpus = "1" if device.type == "cuda" else "0"  # --device cpu: the smoke test of this step
+    images = pictures(64 * replicas, seed=7)
+    for count in sorted({1, replicas}):
+        server = Server(str(checkpoint), count, tmp / f"replicas-{count}.log", PHI3V_REPLICA_GPUS=gpus)
+        try:
+            entry = {"startup_s": round(server.startup_s, 1)}
+            entry.update(asyncio.run(throughput(server, images, 16 * replicas)))
+        finally:
+            server.stop()
+        figures[str(count)] = entry
+        log(f"replicas {count}: {json.dumps(entry)}")
+    if replicas > 1:
+        figures["ratio"] = round(figures[str(replicas)]["calls_per_s"] / figures["1"]["calls_per_s"], 2)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
@@ -309,6 +340,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--poisson-requests", type=int, default=48, help="requests per rate and mode (0: skip)")
     parser.add_argument("--quantization", default="int8,int4", help="modes measured after bf16 ('' to skip)")
+    parser.add_argument("--replicas", type=int, default=0, help="step 9: 1 vs N Ray Serve replicas (0: skip)")
     args = parser.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -370,6 +402,9 @@ def main() -> None:
 
         del model, runner
         results["quantization"] = quantization_figures(args, device, Path(tmp))
+        if args.replicas > 0:
+            torch.cuda.empty_cache()
+            results["replicas"] = replica_figures(args.replicas, Path(tmp), args.size, device)
 
     out = args.out or Path("benchmarks/results") / f"gpu_{card.replace(' ', '_').replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -585,6 +585,22 @@ def mcp(transport: str, **options: Any) -> None:
     "--served-model-name",
     help="The model's id on /v1/models and in answers. [env: PHI3V_SERVED_MODEL_NAME; default: the --model value]",
 )
+@click.option(
+    "--replicas",
+    type=int,
+    help="Serve from N engines on Ray Serve (one GPU each when there are GPUs), the start when autoscaling. "
+    "[env: PHI3V_REPLICAS; default: this process, no Ray]",
+)
+@click.option("--min-replicas", type=int, help="Autoscaling's lower bound. [env: PHI3V_MIN_REPLICAS; default: 1]")
+@click.option(
+    "--max-replicas",
+    type=int,
+    help="Autoscale up to N replicas on ongoing requests. [env: PHI3V_MAX_REPLICAS; default: no autoscaling]",
+)
+@click.option(
+    "--ray-address",
+    help='Join this Ray cluster ("auto", or HOST:PORT) instead of starting one. [env: PHI3V_RAY_ADDRESS]',
+)
 @model_options
 @_apply(*_IMAGE_OPTIONS)
 def serve(**options: Any) -> None:
@@ -593,12 +609,19 @@ def serve(**options: Any) -> None:
     \b
     Any OpenAI client (or PHI3V_BACKEND=openai PHI3V_BASE_URL=http://HOST:PORT/v1 for these tools
     elsewhere) can then use it. Set PHI3V_API_KEY to require "Authorization: Bearer <key>".
+    With --replicas N the same app runs on N replicas behind Ray Serve's proxy (the 'ray' extra).
     """
     settings = build_settings(**options)
     if settings.backend != "local":
         raise click.ClickException(
             f"serve runs the model in this process; unset PHI3V_BACKEND (it is {settings.backend!r})"
         )
+    if settings.replicas is not None or settings.max_replicas is not None or settings.ray_address is not None:
+        with _server_errors("the server", "ray"):
+            from phi3v_tools.serving.ray import serve_replicas
+
+            serve_replicas(settings)
+        return
     with _server_errors("the server", "serve"):
         from phi3v_tools.serving.server import serve as serve_app
 

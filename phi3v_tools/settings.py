@@ -137,6 +137,21 @@ class Settings:
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     served_model_name: str | None = None  # the id /v1/models lists and answers carry; None: ``model`` as given
+    # Replicas on Ray Serve (phi3v_tools.serving.ray, the ``ray`` extra; ReplicaPolicy below), one engine each.
+    replicas: int | None = None  # None: serve from this process, no Ray; N: N replicas (the start when autoscaling)
+    min_replicas: int | None = None  # with max_replicas: autoscale between the two; None: 1
+    max_replicas: int | None = None  # None: a fixed number of replicas (``replicas``)
+    target_ongoing_requests: float | None = None  # autoscaling's aim per replica; None: half of max_batch_size
+    upscale_delay_s: float = 30.0  # load above the target this long adds replicas
+    downscale_delay_s: float = 600.0  # load below it this long removes them
+    replica_cpus: float = 1.0  # Ray CPUs a replica takes (Ray sets its OMP_NUM_THREADS to match)
+    replica_gpus: float | None = None  # None: one GPU a replica when Ray sees GPUs, none otherwise
+    health_check_period_s: float = 10.0  # each replica checks that its engine generates this often
+    health_check_timeout_s: float = 30.0  # a check that takes longer fails (three failures: the replica is replaced)
+    # Send repeats of an image to one replica (Ray Serve's experimental consistent-hash router, keyed by the digest
+    # the remote backend sends in x-session-id), so they find its feature cache; off: the least-loaded of two.
+    route_by_image: bool = False
+    ray_address: str | None = None  # None: start a local Ray (phi3v-tools serve); "auto" or host:port: a cluster's
     # The MCP server (servers/phi3v_mcp).
     mcp_host: str = "127.0.0.1"  # streamable HTTP binds here; anything else is a deliberate choice
     mcp_port: int = 8765
@@ -152,6 +167,9 @@ class Settings:
     mcp_header_timeout_s: float = 10.0  # a request's headers must arrive within this, from connect or last answer
     mcp_body_timeout_s: float = 60.0  # a request's body must arrive within this, from its headers
     mcp_keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    # No MCP sessions: every HTTP request stands alone (what several replicas behind one address need, since a
+    # session lives in one process). Progress still streams within a request.
+    mcp_stateless: bool = False
 
     def __post_init__(self) -> None:
         """Every choice and number is checked here, when the settings are made: a bad value stops a command or a
@@ -171,6 +189,15 @@ class Settings:
                 f"PHI3V_MAX_NEW_TOKENS ({self.max_new_tokens}) must be less than PHI3V_MAX_CONTEXT "
                 f"({self.max_context}): the prompt needs room too"
             )
+        if self.max_replicas is not None:
+            low, start = self.min_replicas or 1, self.replicas or self.min_replicas or 1
+            if not low <= start <= self.max_replicas:
+                raise ValueError(
+                    f"PHI3V_MIN_REPLICAS ({low}) <= PHI3V_REPLICAS ({start}) <= PHI3V_MAX_REPLICAS "
+                    f"({self.max_replicas}) must hold"
+                )
+        elif self.min_replicas is not None:
+            raise ValueError("PHI3V_MIN_REPLICAS needs PHI3V_MAX_REPLICAS (autoscaling runs between the two)")
         if self.max_compare > self.max_images:
             raise ValueError(
                 f"PHI3V_MAX_COMPARE ({self.max_compare}) must be at most PHI3V_MAX_IMAGES ({self.max_images}), "
@@ -187,6 +214,23 @@ class Settings:
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits(**{f.name: getattr(self, f.name) for f in fields(EngineLimits)})
+
+    def replica_policy(self) -> ReplicaPolicy:
+        autoscale = self.max_replicas is not None
+        return ReplicaPolicy(
+            replicas=self.replicas or self.min_replicas or 1,
+            min_replicas=(self.min_replicas or 1) if autoscale else None,
+            max_replicas=self.max_replicas,
+            target_ongoing_requests=self.target_ongoing_requests or max(self.max_batch_size / 2, 1.0),
+            upscale_delay_s=self.upscale_delay_s,
+            downscale_delay_s=self.downscale_delay_s,
+            cpus=self.replica_cpus,
+            gpus=self.replica_gpus,
+            health_check_period_s=self.health_check_period_s,
+            health_check_timeout_s=self.health_check_timeout_s,
+            route_by_image=self.route_by_image,
+            ray_address=self.ray_address,
+        )
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(
@@ -222,9 +266,9 @@ class Settings:
                 values[f.name] = tuple(h.strip() for h in raw.split(",") if h.strip())
             elif f.name == "quantization":
                 values[f.name] = raw.lower()
-            elif f.name == "allow_urls":
+            elif str(f.type) == "bool":
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(f"{ENV_PREFIX}ALLOW_URLS must be true or false, got {raw!r}")
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be true or false, got {raw!r}")
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
@@ -241,6 +285,33 @@ class Settings:
         if "max_compare" not in values and isinstance(images, int) and images < cls.max_compare:
             values["max_compare"] = images
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    """How many engines run on Ray Serve, where, and how they scale (phi3v_tools.serving.ray)."""
+
+    replicas: int  # the number at the start (and always, unless max_replicas is set)
+    min_replicas: int | None  # None: no autoscaling
+    max_replicas: int | None
+    target_ongoing_requests: float  # per replica: requests running there plus those waiting for it
+    upscale_delay_s: float
+    downscale_delay_s: float
+    cpus: float
+    gpus: float | None  # None: decided where the cluster is known
+    health_check_period_s: float
+    health_check_timeout_s: float
+    route_by_image: bool
+    ray_address: str | None
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
+
+    @property
+    def most(self) -> int:
+        """The most replicas there can be."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
 
 
 @dataclass(frozen=True)
@@ -295,6 +366,16 @@ RANGES: dict[str, Bound] = {
     "remote_timeout_s": _SECONDS,
     "remote_max_in_flight": Bound(1, 10_000),
     "serve_port": Bound(0, 65535),
+    "replicas": Bound(1, 4096),
+    "min_replicas": Bound(0, 4096),  # 0: none while idle (the first request then waits for one to load)
+    "max_replicas": Bound(1, 4096),
+    "target_ongoing_requests": Bound(0, 1_000_000, whole=False, above=True),
+    "upscale_delay_s": Bound(0, 86_400, whole=False),
+    "downscale_delay_s": Bound(0, 86_400, whole=False),
+    "replica_cpus": Bound(0, 4096, whole=False),
+    "replica_gpus": Bound(0, 64, whole=False),
+    "health_check_period_s": _SECONDS,
+    "health_check_timeout_s": _SECONDS,
     "mcp_port": Bound(0, 65535),  # 0: a free port, chosen by the system
     "mcp_max_body_mb": Bound(0, 4096, whole=False, above=True),
     "mcp_shutdown_grace_s": Bound(0, 86_400, whole=False),

@@ -15,6 +15,8 @@ or any server of ``/v1/chat/completions``. This process imports no torch, tokeni
   async calls, which use one client per loop (a pool belongs to its loop), kept while the loop runs. It is
   chosen over bare httpx because those retries, the SSE parsing and the error classes are what this module
   would otherwise write again.
+- Each request carries its first image's digest in ``x-session-id``, which Ray Serve's consistent-hash router
+  (``PHI3V_ROUTE_BY_IMAGE``) routes by; other servers ignore it.
 - Failures become this package's errors with what to do: a refused key, an unknown model, a prompt too long, a
   busy server, a server that is up but not serving, one that cannot be reached.
 """
@@ -53,6 +55,9 @@ __all__ = ["OpenAIBackend", "RemoteError"]
 
 MAX_RETRIES = 3  # the client's retries on connection errors, 408, 429 and 5xx, with exponential backoff
 CONNECT_TIMEOUT_S = 10.0
+# The first image's digest goes in this header: Ray Serve's consistent-hash router reads its session id from it, so
+# repeats of an image reach the replica whose feature cache has it (phi3v_tools.serving.ray); others ignore it.
+ROUTING_HEADER = "x-session-id"
 URI_CACHE_BYTES = 64 * 2**20  # data URIs kept for images sent again (a 12-Mpx photo's is about 20 MB)
 
 
@@ -244,6 +249,8 @@ class OpenAIBackend:
                 # engine does, so both give the same answer. (vLLM is bounded by max_tokens.)
                 "json_schema": {"name": "answer", "schema": schema.schema, "strict": True},
             }
+        if request.image_digests:  # a key a router may send repeats of an image by (Ray Serve: PHI3V_ROUTE_BY_IMAGE)
+            body["extra_headers"] = {ROUTING_HEADER: request.image_digests[0]}
         if request.num_crops is not None:
             body["extra_body"] = {"mm_processor_kwargs": {"num_crops": request.num_crops}}  # vLLM's and ours
         return body, schema

@@ -450,6 +450,7 @@ def http_app(server: MCPServer[AppContext], settings: Settings) -> ASGIApp:
         host=settings.mcp_host,
         max_sessions=settings.mcp_max_sessions,
         session_idle_timeout=settings.mcp_session_idle_s,
+        stateless_http=settings.mcp_stateless,
     )
     SessionEvictor(server.session_manager, settings.mcp_max_sessions).install()
     app = DisconnectMiddleware(app)

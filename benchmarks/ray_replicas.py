@@ -72,7 +72,7 @@ class Server:
         self.log = log
         with open(log, "w") as out:
             self.process = subprocess.Popen(command + ["--replicas", str(replicas)], env=environ, stdout=out,
-                                            stderr=subprocess.STDOUT)  # fmt: skip
+                                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         started = time.monotonic()
         while not ("replica" in log.read_text() and "serving" in log.read_text() and self.health()):
             if self.process.poll() is not None or time.monotonic() - started > 600:

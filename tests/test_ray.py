@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -75,7 +76,10 @@ class RayServer:
         command += [str(self.port), "--replicas", str(MIN), "--min-replicas", str(MIN), "--max-replicas", str(MAX)]
         self.log = log
         with open(log, "w") as out:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            # Its own session: Ray's reaper and shutdown signal whole process groups, which must not be the test's.
+            self.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.counts: list[int] = []  # replica processes, each time they were counted
 
     def wait_healthy(self, timeout: float = 240) -> None:
@@ -161,6 +165,8 @@ def ray_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):  # whatever Ray left in the server's session
+            os.killpg(server.process.pid, signal.SIGKILL)
 
 
 class Responses:

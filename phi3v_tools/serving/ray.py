@@ -120,7 +120,8 @@ class Replica:
         started = time.perf_counter()
         await self.runner.generate(probe)
         logger.debug("replica %s: health check generated in %.3f s", self.replica, time.perf_counter() - started)
-        self._progress = (self.runner.info()["prompt_tokens"], self.runner.info()["sampled_tokens"])
+        after = self.runner.info()
+        self._progress = (after["prompt_tokens"], after["sampled_tokens"])
 
     def __del__(self) -> None:  # after Serve drained the replica and ran the app's lifespan shutdown
         runner = getattr(self, "runner", None)

@@ -14,6 +14,7 @@ __all__ = [
     "CancelledError",
     "CheckpointError",
     "DeviceError",
+    "DocumentError",
     "ImageError",
     "ModelNotFoundError",
     "OptionalDependencyError",
@@ -46,6 +47,10 @@ class DeviceError(Phi3VToolsError, ValueError):
 
 class ImageError(Phi3VToolsError, ValueError):
     """An image could not be decoded or converted for the model."""
+
+
+class DocumentError(ImageError):
+    """A PDF document was refused or could not be rendered (too large, encrypted, malformed, over a limit)."""
 
 
 class PromptError(Phi3VToolsError, ValueError):

@@ -46,7 +46,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -64,6 +64,7 @@ __all__ = [
     "HANDLE_PREFIX",
     "MAX_URL_CHARS",
     "ImagePolicy",
+    "PdfData",
     "ImageRef",
     "ImageStore",
     "LoadedImage",
@@ -73,12 +74,13 @@ __all__ = [
     "fetch_url",
     "load_image",
     "load_images",
+    "load_source",
 ]
 
 HANDLE_PREFIX = "image://sha256/"
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
 _HANDLE = re.compile(r"^image://sha256/([0-9a-f]{64})$")
-_DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[^,]*)?,(.*)$", re.IGNORECASE | re.DOTALL)
+_DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+|application/pdf)?(;[^,]*)?,(.*)$", re.IGNORECASE | re.DOTALL)
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=_\s-]+$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -184,21 +186,41 @@ class ImageStore:
 ImageRef = str | bytes | os.PathLike[str] | Image.Image
 
 
+@dataclass(frozen=True)
+class PdfData:
+    """A reference that held a PDF document (read under the byte limit for PDFs), for phi3v_tools.documents."""
+
+    data: bytes
+    source: str
+
+
 def load_image(ref: ImageRef, policy: ImagePolicy, store: ImageStore | None = None) -> LoadedImage:
     """Resolve one reference to a checked RGB image (and remember it in ``store`` for its handle)."""
+    loaded = load_source(ref, policy, store)
+    assert isinstance(loaded, LoadedImage)  # no PDF is accepted without a byte limit for PDFs
+    return loaded
+
+
+def load_source(
+    ref: ImageRef, policy: ImagePolicy, store: ImageStore | None = None, *, pdf_max_bytes: int = 0
+) -> LoadedImage | PdfData:
+    """:func:`load_image`, and with ``pdf_max_bytes`` a PDF document too (any of the same ways in: path, URL,
+    ``data:application/pdf;base64,``, base64, bytes), returned unparsed as :class:`PdfData`."""
+    pdf = pdf_max_bytes
+    loaded: LoadedImage | PdfData
     if isinstance(ref, Image.Image):
         loaded = _finish(ref, "a PIL image", policy)
     elif isinstance(ref, bytes | bytearray):
-        loaded = decode_bytes(bytes(ref), "the given bytes", policy)
+        loaded = _decode(bytes(ref), "the given bytes", policy, pdf)
     elif isinstance(ref, os.PathLike):
-        loaded = _from_path(os.fspath(ref), policy)
+        loaded = _from_path(os.fspath(ref), policy, pdf=pdf)
     elif isinstance(ref, str):
-        loaded = _from_string(ref, policy, store)
+        loaded = _from_string(ref, policy, store, pdf)
     else:
         raise ImageError(
             f"an image must be a path, URL, data: URI, base64 string or image handle, not {type(ref).__name__}"
         )
-    if store is not None:
+    if store is not None and isinstance(loaded, LoadedImage):
         store.add(loaded)
     return loaded
 
@@ -207,7 +229,7 @@ def load_images(refs: Iterable[ImageRef], policy: ImagePolicy, store: ImageStore
     return [load_image(ref, policy, store) for ref in refs]
 
 
-def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None) -> LoadedImage:
+def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None, pdf: int = 0) -> LoadedImage | PdfData:
     """Handles, data: URIs, base64 and URLs are read stripped; a path is used exactly as given."""
     text = ref.strip()
     if not text:
@@ -224,11 +246,11 @@ def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None) -> Loa
             )
         return loaded
     if text[:5].lower() == "data:":
-        return _from_data_uri(text, policy)
+        return _from_data_uri(text, policy, pdf)
     scheme_match = _SCHEME.match(text)
     scheme = scheme_match.group(1).lower() if scheme_match else ""
     if scheme in ("http", "https"):
-        return fetch_url(text, policy)
+        return _fetch(text, policy, pdf)
     if scheme == "file":
         try:
             parts = urlsplit(text)
@@ -236,21 +258,23 @@ def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None) -> Loa
             raise ImageError(f"{_short(text)} is not a valid file:// URL ({exc})") from exc
         if parts.netloc not in ("", "localhost"):
             raise ImageError(f"file:// URLs must name a local file (file:///path), not host {parts.netloc!r}")
-        return _from_path(unquote(parts.path), policy)
+        return _from_path(unquote(parts.path), policy, pdf=pdf)
     if scheme:
         raise ImageError(f"URL scheme {scheme!r} is not supported; use http(s)://, file://, data: or a path")
     # Long strings of base64 characters are data ('.' is never base64), unless they name a file inside an
     # allowed directory: the file system is only asked about paths that passed the directory check.
     if len(text) > 256 and "." not in text and _BASE64.match(text[:1024]):
         try:
-            return _from_path(ref, policy, missing_ok=True)
+            return _from_path(ref, policy, missing_ok=True, pdf=pdf)
         except _NotThere:
-            return _from_base64(text, "base64 data", policy)
-    return _from_path(ref, policy)
+            return _from_base64(text, "base64 data", policy, pdf)
+    return _from_path(ref, policy, pdf=pdf)
 
 
-def _from_data_uri(ref: str, policy: ImagePolicy) -> LoadedImage:
+def _from_data_uri(ref: str, policy: ImagePolicy, pdf: int = 0) -> LoadedImage | PdfData:
     match = _DATA_URI.match(ref)
+    if match is not None and (match.group(1) or "").lower() == "application/pdf" and not pdf:
+        match = None
     if match is None or not (match.group(2) or "").lower().endswith(";base64"):
         media = ref[5:].split(",", 1)[0].split(";", 1)[0].strip()[:60]
         if media and not media.lower().startswith("image/"):
@@ -259,24 +283,25 @@ def _from_data_uri(ref: str, policy: ImagePolicy) -> LoadedImage:
                 "WebP, BMP, TIFF)"
             )
         raise ImageError("a data: URI must look like data:image/png;base64,<data>")
-    return _from_base64(match.group(3), "a data: URI", policy)
+    return _from_base64(match.group(3), "a data: URI", policy, pdf)
 
 
-def _from_base64(text: str, source: str, policy: ImagePolicy) -> LoadedImage:
-    if len(text) > policy.max_bytes * 4 // 3 + 4096:
-        raise ImageError(f"{source} is larger than the {_mib(policy.max_bytes)} image limit")
+def _from_base64(text: str, source: str, policy: ImagePolicy, pdf: int = 0) -> LoadedImage | PdfData:
+    if len(text) > max(policy.max_bytes, pdf) * 4 // 3 + 4096:
+        limit = f"{_mib(policy.max_bytes)} image limit" + (f" and the {_mib(pdf)} PDF limit" if pdf else "")
+        raise ImageError(f"{source} is larger than the {limit}")
     compact = re.sub(r"\s+", "", text)
     try:
         urlsafe = "-" in compact or "_" in compact
         data = base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=b"-_" if urlsafe else None, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError(f"{source} is not valid base64 ({exc})") from exc
-    return decode_bytes(data, source, policy)
+    return _decode(data, source, policy, pdf)
 
 
-def _from_path(path: str, policy: ImagePolicy, *, missing_ok: bool = False) -> LoadedImage:
-    data, shown = read_path(path, policy, missing_ok=missing_ok)
-    return decode_bytes(data, f"file {shown}", policy)
+def _from_path(path: str, policy: ImagePolicy, *, missing_ok: bool = False, pdf: int = 0) -> LoadedImage | PdfData:
+    data, shown = read_path(path, _reading(policy, pdf), missing_ok=missing_ok)
+    return _decode(data, f"file {shown}", policy, pdf)
 
 
 def fetch_url(url: str, policy: ImagePolicy) -> LoadedImage:
@@ -284,10 +309,35 @@ def fetch_url(url: str, policy: ImagePolicy) -> LoadedImage:
     return decode_bytes(fetch_bytes(url, policy), f"URL {_short(url)}", policy)
 
 
+def _fetch(url: str, policy: ImagePolicy, pdf: int) -> LoadedImage | PdfData:
+    return _decode(fetch_bytes(url, _reading(policy, pdf)), f"URL {_short(url)}", policy, pdf)
+
+
+def _reading(policy: ImagePolicy, pdf: int) -> ImagePolicy:
+    """The policy to read bytes under: the larger of the image and the PDF byte limits (each checked after)."""
+    return replace(policy, max_bytes=pdf) if pdf > policy.max_bytes else policy
+
+
+def is_pdf(data: bytes) -> bool:
+    """PDF files start with ``%PDF-`` (readers accept it within the first 1024 bytes)."""
+    return b"%PDF-" in data[:1024]
+
+
 def decode_bytes(data: bytes, source: str, policy: ImagePolicy) -> LoadedImage:
     """Decode image bytes under the policy's byte, pixel and format limits and the structural checks."""
+    loaded = _decode(data, source, policy, 0)
+    assert isinstance(loaded, LoadedImage)
+    return loaded
+
+
+def _decode(data: bytes, source: str, policy: ImagePolicy, pdf_max_bytes: int) -> LoadedImage | PdfData:
+    """:func:`decode_bytes`; a PDF, when ``pdf_max_bytes`` allows one, comes back as :class:`PdfData`."""
     if not data:
         raise ImageError(f"{source} is empty")
+    if pdf_max_bytes and is_pdf(data):
+        if len(data) > pdf_max_bytes:
+            raise ImageError(f"{source} is a PDF of {len(data)} bytes; the limit for a PDF is {pdf_max_bytes}")
+        return PdfData(data, source)
     if len(data) > policy.max_bytes:
         raise ImageError(f"{source} has {len(data)} bytes; the limit is {policy.max_bytes}")
     problem = check_structure(data)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from phi3v_tools.documents import DocumentPolicy
 from phi3v_tools.images import ImagePolicy
 from phi3v_tools.model.names import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 from phi3v_tools.structured import SchemaLimits
@@ -132,6 +133,15 @@ class Settings:
     # every process using the directory. None: in memory only (servers); the CLI uses <cache_dir>/images.
     image_store_dir: Path | None = None
     image_store_disk_mb: float = 1024.0  # MiB of PNG files kept in image_store_dir; 0: none (handles in memory only)
+    # PDF documents (phi3v_tools.documents, the ``pdf`` extra): each is rendered in a worker process under these.
+    pdf_max_pages: int = 10  # pages one call reads; the default selection is the first this many
+    pdf_max_mb: float = 50.0  # the file
+    pdf_max_page_pixels: int = 16 * 336 * 336  # a drawn page (what the HD transform takes at 16 crops)
+    pdf_max_dpi: float = 300.0  # a small page is drawn at most this sharp
+    pdf_timeout_s: float = 30.0  # one document, wall clock; the worker is killed after it
+    pdf_memory_mb: int = 1024  # the worker's address space
+    pdf_text_layer: bool = True  # use a page's real (painted) text layer as it is, instead of OCR
+    pdf_workers: int = 2  # documents rendered at once
     # phi3v-tools serve (phi3v_tools.serving): the OpenAI-compatible API and /mcp in one HTTP server. Its
     # connection limits, body limit, grace period and token are the MCP HTTP server's (mcp_* below).
     serve_host: str = "127.0.0.1"
@@ -239,6 +249,18 @@ class Settings:
             max_bytes=int(self.max_image_mb * 2**20),
             max_pixels=self.max_image_pixels,
             url_timeout_s=self.url_timeout_s,
+        )
+
+    def document_policy(self) -> DocumentPolicy:
+        return DocumentPolicy(
+            max_pages=self.pdf_max_pages,
+            max_bytes=int(self.pdf_max_mb * 2**20),
+            max_page_pixels=self.pdf_max_page_pixels,
+            max_dpi=self.pdf_max_dpi,
+            timeout_s=self.pdf_timeout_s,
+            memory_mb=self.pdf_memory_mb,
+            text_layer=self.pdf_text_layer,
+            workers=self.pdf_workers,
         )
 
     @classmethod
@@ -364,6 +386,13 @@ RANGES: dict[str, Bound] = {
     "image_store_mb": Bound(0, 2**20, whole=False),  # 0: no handles kept
     "image_store_disk_mb": Bound(0, 2**24, whole=False),  # 0: no disk store, also for the CLI
     "remote_timeout_s": _SECONDS,
+    "pdf_max_pages": Bound(1, 10_000),
+    "pdf_max_mb": Bound(0, 4096, whole=False, above=True),
+    "pdf_max_page_pixels": Bound(256, 2**28),
+    "pdf_max_dpi": Bound(1, 2400, whole=False),
+    "pdf_timeout_s": _SECONDS,
+    "pdf_memory_mb": Bound(64, 2**20),
+    "pdf_workers": Bound(1, 1024),
     "remote_max_in_flight": Bound(1, 10_000),
     "serve_port": Bound(0, 65535),
     "replicas": Bound(1, 4096),

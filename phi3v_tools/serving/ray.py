@@ -230,6 +230,9 @@ def serve_replicas(settings: Settings) -> None:
     if not ray.is_initialized():
         options: dict[str, Any] = {"namespace": "serve", "include_dashboard": False, "log_to_driver": True}
         if policy.ray_address is None:
+            # A local Ray started here sends no usage statistics unless the operator set the variable (Ray reads it
+            # from the environment in the processes it starts, so it is set here, at the launch edge).
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             needed = math.ceil(policy.most * policy.cpus)
             options["num_cpus"] = max(os.cpu_count() or 1, needed)
             if needed > (os.cpu_count() or 1):

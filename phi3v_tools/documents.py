@@ -31,7 +31,6 @@ some of it (20 characters or more), and either no picture covers most of the pag
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -52,6 +51,7 @@ from PIL import Image
 from phi3v_tools.digests import image_digest
 from phi3v_tools.errors import DocumentError, OptionalDependencyError
 from phi3v_tools.images import LoadedImage
+from phi3v_tools.pdf_worker import MAX_TEXT_CHARS
 
 __all__ = ["Document", "DocumentPolicy", "Page", "PageRanges", "Renderer", "has_text_layer", "parse_pages"]
 
@@ -194,7 +194,7 @@ class Renderer:
 
     def _job(self, ranges: PageRanges | None, default: int, seconds: float) -> dict[str, Any]:
         policy = self.policy
-        page_bytes = policy.max_page_pixels * 4 + 4 * 300_000 + 65_536  # pixels (stride padding) and text
+        page_bytes = policy.max_page_pixels * 4 + 4 * MAX_TEXT_CHARS + 65_536  # pixels (stride padding), UTF-8 text
         return {
             "ranges": [list(r) for r in ranges] if ranges is not None else None,
             "default_pages": default,
@@ -241,9 +241,10 @@ class Renderer:
 
 
 def _kill(worker: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    """The worker and anything it started (it leads its own session)."""
+    try:
         os.killpg(worker.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
+    except (ProcessLookupError, PermissionError):
         worker.kill()
     worker.wait()
 

@@ -206,16 +206,15 @@ def load_source(
 ) -> LoadedImage | PdfData:
     """:func:`load_image`, and with ``pdf_max_bytes`` a PDF document too (any of the same ways in: path, URL,
     ``data:application/pdf;base64,``, base64, bytes), returned unparsed as :class:`PdfData`."""
-    pdf = pdf_max_bytes
     loaded: LoadedImage | PdfData
     if isinstance(ref, Image.Image):
         loaded = _finish(ref, "a PIL image", policy)
     elif isinstance(ref, bytes | bytearray):
-        loaded = _decode(bytes(ref), "the given bytes", policy, pdf)
+        loaded = _decode(bytes(ref), "the given bytes", policy, pdf_max_bytes)
     elif isinstance(ref, os.PathLike):
-        loaded = _from_path(os.fspath(ref), policy, pdf=pdf)
+        loaded = _from_path(os.fspath(ref), policy, pdf=pdf_max_bytes)
     elif isinstance(ref, str):
-        loaded = _from_string(ref, policy, store, pdf)
+        loaded = _from_string(ref, policy, store, pdf_max_bytes)
     else:
         raise ImageError(
             f"an image must be a path, URL, data: URI, base64 string or image handle, not {type(ref).__name__}"

@@ -18,6 +18,7 @@ checks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import sys
@@ -186,8 +187,6 @@ def _text_layer(pdfium: Any, raw: Any, page: Any, area: float) -> dict[str, Any]
 
 def _paints_nothing(raw: Any, obj: Any) -> bool:
     """Invisible text: render mode 3 or 7, or a fill that is fully transparent (for the modes that only fill)."""
-    import ctypes
-
     mode = raw.FPDFTextObj_GetTextRenderMode(obj.raw)
     if mode in INVISIBLE_MODES:
         return True

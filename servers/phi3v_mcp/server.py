@@ -39,6 +39,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
 import anyio
+import anyio.abc
 import uvicorn
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
@@ -66,6 +68,7 @@ from phi3v_tools import __version__
 from phi3v_tools.api import toolbox_from_settings
 from phi3v_tools.errors import Phi3VToolsError
 from phi3v_tools.settings import Settings
+from phi3v_tools.signals import Terminated
 from phi3v_tools.tools import IMAGE_FORMS, UNTRUSTED_NOTE, Toolbox, ToolResult, ToolSpec, result_text, tool_specs
 
 __all__ = [
@@ -78,6 +81,7 @@ __all__ = [
     "http_app",
     "run",
     "serve_stdio",
+    "serve_stdio_until_stopped",
     "uvicorn_config",
 ]
 
@@ -484,7 +488,9 @@ def run(settings: Settings, transport: str = "stdio") -> None:
     server = create_server(settings)
     try:
         if transport == "stdio":
-            anyio.run(serve_stdio, server)
+            stop = anyio.run(serve_stdio_until_stopped, server)
+            if stop is not None:
+                raise stop
         else:
             _run_http(server, settings)
     finally:
@@ -510,6 +516,44 @@ async def serve_stdio(server: MCPServer[AppContext]) -> None:
             await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
     finally:
         stdin.release()
+
+
+async def serve_stdio_until_stopped(server: MCPServer[AppContext]) -> KeyboardInterrupt | None:
+    """:func:`serve_stdio` until stdin ends or SIGINT or SIGTERM arrives; the signal, as the KeyboardInterrupt (or
+    :class:`~phi3v_tools.signals.Terminated`) the caller raises once the loop has stopped, or None.
+
+    The signal cancels the serving task, so the SDK's transport and session unwind as on any cancellation. Raised
+    inside the loop instead (Python's own SIGINT handler, or ``terminate_as_interrupt``), the KeyboardInterrupt
+    could land in one of the transport's tasks, which then ended with an exception group that asyncio logged as
+    "unhandled exception during asyncio.run() shutdown", a second line after "terminated". The process's handlers
+    for both signals are restored on the way out. Where the loop takes no signal handlers (Windows, a thread other
+    than the main one), this is :func:`serve_stdio` alone.
+    """
+    stops = (signal.SIGINT, signal.SIGTERM)
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        await serve_stdio(server)
+        return None
+    previous = {sig: signal.getsignal(sig) for sig in stops}
+    received: list[KeyboardInterrupt] = []
+
+    async def watch(group: anyio.abc.TaskGroup, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(*stops) as signals:
+            task_status.started()
+            async for signum in signals:
+                received.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+                group.cancel_scope.cancel()
+                return
+
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(watch, group)
+            await serve_stdio(server)
+            group.cancel_scope.cancel()  # stdin ended: stop watching
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to restore
+                signal.signal(sig, handler)
+    return received[0] if received else None
 
 
 class StdinLines:

@@ -54,6 +54,7 @@ def toolbox_from_settings(settings: Settings, backend: Backend | None = None) ->
         store=image_store_from_settings(settings),
         max_compare=settings.max_compare,
         schema_limits=settings.schema_limits(),
+        documents=settings.document_policy(),
         # PHI3V_NUM_CROPS, when set, is the crops per image of every call, one image or several; unset, several
         # images get 4 each (the Phi-3.5 card's advice), so that they fit the context.
         multi_image_num_crops=settings.num_crops or MULTI_IMAGE_NUM_CROPS,

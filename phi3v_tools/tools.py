@@ -13,17 +13,28 @@ Arguments are checked here, whoever calls (a typed adapter or plain Python): a w
 :class:`~phi3v_tools.errors.PromptError` that names the argument. A caller's text is cleaned of image
 tags (the tools place the images) and then reaches the model as text, never as control tokens. Images
 are remembered for their handles only when the call succeeds.
+
+PDF documents are accepted wherever an image is (:mod:`phi3v_tools.documents` renders them, out of process), with
+``pages`` choosing which: each page becomes an image with its own handle. ``describe_image`` takes one page (the
+first by default); ``compare_images`` and ``ask_images`` take pages as their images, up to ``max_compare``.
+``read_text`` and ``read_table`` read every page chosen (by default the first ``PHI3V_PDF_MAX_PAGES``) as separate
+requests sent to the engine at once, so that they batch; a page whose text layer is real (see
+:func:`~phi3v_tools.documents.has_text_layer`) gives ``read_text`` its text as it is (``source: "text"``), without
+the model, unless fields are asked for, which the model then reads from the page alone. Their results hold a
+``pages`` list (one entry per page) and what the pages say together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import csv
 import functools
 import io
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,9 +43,10 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from phi3v_tools.documents import Document, DocumentPolicy, Page, Renderer
 from phi3v_tools.engine.types import Backend, GenerationRequest, GenerationResult, Timings
 from phi3v_tools.errors import PromptError
-from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, load_images
+from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, PdfData, load_source
 from phi3v_tools.model.chat_format import IMAGE_TAG, check_text
 from phi3v_tools.structured import DEFAULT_LIMITS, SchemaLimits, check_schema
 
@@ -58,6 +70,7 @@ class ImageInfo(BaseModel):
     handle: str = Field(description="Refer to this image in later calls with this handle instead of resending it.")
     width: int = Field(description="Width in pixels.")
     height: int = Field(description="Height in pixels.")
+    page: int | None = Field(default=None, description="For a page of a PDF document: its number, from 1.")
 
 
 class CallInfo(BaseModel):
@@ -70,15 +83,18 @@ class CallInfo(BaseModel):
         description="Where the call's time went, in parts that add up to total: load (loading the model and "
         "warming up its grammar engine, on a first call), queue (waiting for the engine, tokenizing, setting up "
         "the grammar), preprocess (the HD transform), vision, prefill, decode, other (reading the images, checks, "
-        "the result), total (the call)."
+        "the result), total (the call). For a PDF, render (drawing its pages) comes first, and the model's parts "
+        "are summed over pages that ran at once, so that they may add up to more than total."
     )
 
 
-def call_seconds(t: Timings, wall: float, load_s: float = 0.0) -> dict[str, float]:
+def call_seconds(t: Timings, wall: float, load_s: float = 0.0, render_s: float | None = None) -> dict[str, float]:
     """A call's :attr:`CallInfo.seconds`: the engine's timings split so that no part holds another (the engine's
     queue time includes preprocessing), plus ``load_s`` and what the tool did around them (``other``), adding up
-    to the call's ``wall`` time (or to the engine's total, when that is longer, as for a remote backend's clock)."""
-    parts = {
+    to the call's ``wall`` time (or to the engine's total, when that is longer, as for a remote backend's clock).
+    ``render_s``, for a call on a PDF: the time its pages took to draw (a part only such calls have)."""
+    parts = {} if render_s is None else {"render": render_s}
+    parts |= {
         "load": load_s,
         "queue": max(t.queue_s - t.preprocess_s, 0.0),
         "preprocess": t.preprocess_s,
@@ -86,10 +102,32 @@ def call_seconds(t: Timings, wall: float, load_s: float = 0.0) -> dict[str, floa
         "prefill": t.prefill_s,
         "decode": t.decode_s,
     }
-    total = max(wall, t.total_s + load_s, sum(parts.values()))
+    total = max(wall, t.total_s + load_s + (render_s or 0.0), sum(parts.values()))
     parts["other"] = total - sum(parts.values())
     parts["total"] = total
     return {name: round(value, 4) for name, value in parts.items()}
+
+
+def _document_seconds(
+    results: Sequence[GenerationResult], wall: float, load_s: float, render_s: float
+) -> dict[str, float]:
+    """:attr:`CallInfo.seconds` of a call on a PDF: render, load, the engine's parts summed over its page requests
+    (which ran at once), what the tool did besides (``other``, at least 0) and the call's wall time (``total``)."""
+    summed = Timings()
+    for result in results:
+        t = result.timings
+        summed.queue_s += t.queue_s
+        summed.preprocess_s += t.preprocess_s
+        summed.vision_s += t.vision_s
+        summed.prefill_s += t.prefill_s
+        summed.decode_s += t.decode_s
+    parts = call_seconds(summed, 0.0, load_s, render_s)
+    del parts["other"], parts["total"]
+    parts["other"] = round(
+        max(wall - render_s - load_s - max((r.timings.total_s for r in results), default=0.0), 0.0), 4
+    )
+    parts["total"] = round(max(wall, render_s + load_s), 4)
+    return parts
 
 
 class _Answer(BaseModel):
@@ -129,18 +167,59 @@ class _ReadAnswer(_Answer):
     lines: list[str] = Field(description="The text, one entry per line.", max_length=200)
 
 
+TextSource = Literal["text", "ocr"]
+
+
+class PageText(BaseModel):
+    """One page of a PDF as read_text read it."""
+
+    page: int = Field(description="The page number, from 1.")
+    handle: str = Field(description="The page as an image: pass this handle to ask about this page alone.")
+    source: TextSource = Field(
+        description="text: the page's own text layer, exact; ocr: read from the page's picture by the model "
+        "(a scan, or a page whose hidden text is another program's OCR)."
+    )
+    text: str = Field(description="The page's text in reading order.")
+    lines: list[str] = Field(description="The page's text, one entry per line.")
+    fields: dict[str, str | None] | None = Field(
+        default=None, description="The requested fields as read on this page, null where absent."
+    )
+
+
 class TextReading(_WithMeta, _ReadAnswer):
     """The result of read_text."""
 
+    lines: list[str] = Field(description="The text, one entry per line (for a PDF, its pages' lines in order).")
     fields: dict[str, str | None] | None = Field(
-        default=None, description="The requested fields: the value read from the image, or null when absent."
+        default=None,
+        description="The requested fields: the value read from the image, or null when absent. For a PDF, the "
+        "first page's non-null value (field_pages says which page).",
     )
+    pages: list[PageText] | None = Field(
+        default=None, description="For a PDF: one entry per page read, in order (text holds them all)."
+    )
+    field_pages: dict[str, int | None] | None = Field(
+        default=None, description="For a PDF with fields: the page each field's value came from (null: not found)."
+    )
+    page_count: int | None = Field(default=None, description="For a PDF: its number of pages (not only those read).")
 
     def to_text(self) -> str:
-        text = self.text.strip() or "(no text found in the image)"
+        if self.pages is not None:
+            parts = [
+                f"--- page {p.page} ({'text layer' if p.source == 'text' else 'read by the model'}) ---\n"
+                + (p.text.strip() or "(no text found on the page)")
+                for p in self.pages
+            ]
+            text = "\n\n".join(parts) or "(no pages read)"
+        else:
+            text = self.text.strip() or "(no text found in the image)"
         if self.fields is None:
             return text
-        found = "; ".join(f"{k}: {v if v is not None else '(not found)'}" for k, v in self.fields.items())
+        pages = self.field_pages or {}
+        found = "; ".join(
+            f"{k}: {v if v is not None else '(not found)'}" + (f" (page {pages[k]})" if pages.get(k) else "")
+            for k, v in self.fields.items()
+        )
         return f"{found}\n\n{text}"
 
 
@@ -173,22 +252,35 @@ class _TableAnswer(_Answer):
     summary: str = Field(description="One or two sentences on what the table or chart shows.")
 
 
+class PageTable(_TableAnswer):
+    """The table on one page of a PDF, as read_table read it."""
+
+    page: int = Field(description="The page number, from 1.")
+    handle: str = Field(description="The page as an image: pass this handle to ask about this page alone.")
+
+
 class Table(_WithMeta, _TableAnswer):
-    """The result of read_table: each row has exactly one cell per column (null where a cell is absent)."""
+    """The result of read_table: each row has exactly one cell per column (null where a cell is absent).
+
+    For a PDF, ``pages`` holds each page's table; the top level is the first page's table with the rows of every
+    page whose table has the same columns after it (a table that runs over several pages)."""
+
+    rows: list[list[Cell]] = Field(
+        description="The rows, top to bottom; each cell a string, a number, or null when the cell is empty."
+    )
+    pages: list[PageTable] | None = Field(default=None, description="For a PDF: the table on each page read.")
+    page_count: int | None = Field(default=None, description="For a PDF: its number of pages (not only those read).")
 
     def to_text(self) -> str:
-        """A Markdown table with the title above it and the units and summary below."""
-        lines = [f"**{self.title}**", ""] if self.title else []
-        if self.columns:
-            lines.append("| " + " | ".join(_md_cell(c) for c in self.columns) + " |")
-            lines.append("|" + "---|" * len(self.columns))
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in self.rows]
-        else:
-            lines.append("(no table found in the image)")
-        if self.units:
-            lines.append(f"\nUnits: {self.units}")
-        if self.summary.strip():
-            lines.append(f"\n{self.summary.strip()}")
+        """A Markdown table with the title above it and the units and summary below; for a PDF, the pages whose
+        rows it holds, then each other page's table."""
+        lines = _table_lines(self)
+        if self.pages is not None and len(self.pages) > 1:
+            joined = [p.page for p in self.pages if p.columns and p.columns == self.columns]
+            lines.append(f"\n(rows from page{'' if len(joined) == 1 else 's'} {', '.join(map(str, joined)) or '-'})")
+            for other in self.pages:
+                if other.page not in joined:
+                    lines += ["", f"--- page {other.page} ---", *_table_lines(other)]
         return "\n".join(lines)
 
     def to_csv(self) -> str:
@@ -198,6 +290,21 @@ class Table(_WithMeta, _TableAnswer):
         writer.writerow(self.columns)
         writer.writerows(["" if c is None else c for c in row] for row in self.rows)
         return out.getvalue()
+
+
+def _table_lines(table: _TableAnswer) -> list[str]:
+    lines = [f"**{table.title}**", ""] if table.title else []
+    if table.columns:
+        lines.append("| " + " | ".join(_md_cell(c) for c in table.columns) + " |")
+        lines.append("|" + "---|" * len(table.columns))
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+    else:
+        lines.append("(no table found in the image)")
+    if table.units:
+        lines.append(f"\nUnits: {table.units}")
+    if table.summary.strip():
+        lines.append(f"\n{table.summary.strip()}")
+    return lines
 
 
 def _md_cell(value: Cell) -> str:
@@ -224,6 +331,7 @@ def _compact_json(value: Any) -> str:
 
 
 ProgressCallback = Callable[[str], None]
+PageProgress = Callable[[int, int], None]  # (pages done, pages in the call): after rendering, then after each page
 
 
 @dataclass
@@ -235,6 +343,23 @@ class Prepared:
     images: list[LoadedImage]
     result: type[_WithMeta]
     fixed: dict[str, Any]
+    pages: list[int | None] | None = None  # for images that are pages of a PDF: their numbers
+    render_s: float | None = None  # the PDF's drawing time, when the images came from one
+
+
+@dataclass
+class DocumentPrepared:
+    """read_text or read_table on a PDF, ready for the backend: one request per page, or None for a page whose
+    text layer is its reading (read_text without fields)."""
+
+    document: Document
+    requests: list[Prepared | None]
+    result: type[TextReading] | type[Table]
+    names: list[str] | None  # the fields or columns asked for
+
+    @property
+    def images(self) -> list[LoadedImage]:
+        return [page.image for page in self.document.pages]
 
 
 MULTI_IMAGE_NUM_CROPS = 4  # crops per image in a call with several (unless PHI3V_NUM_CROPS says otherwise)
@@ -254,6 +379,7 @@ class Toolbox:
         max_compare: int = 4,
         multi_image_num_crops: int = MULTI_IMAGE_NUM_CROPS,
         schema_limits: SchemaLimits = DEFAULT_LIMITS,
+        documents: DocumentPolicy | None = None,
     ) -> None:
         self._backend = backend
         self.policy = policy or ImagePolicy()
@@ -261,6 +387,7 @@ class Toolbox:
         self.max_compare = max_compare
         self.multi_image_num_crops = multi_image_num_crops
         self.schema_limits = schema_limits  # a caller's output schema is checked with these before any image loads
+        self.renderer = Renderer(documents)  # PDFs: pages drawn in worker processes, under these limits
 
     @property
     def backend(self) -> Backend:
@@ -271,7 +398,32 @@ class Toolbox:
 
     # -- requests (shared by the sync and async paths) -----------------------------------------------------------------
 
-    def _images(self, refs: ImageRef | Sequence[ImageRef], least: int, most: int) -> list[LoadedImage]:
+    def _sources(self, refs: Sequence[ImageRef], pages: str | None) -> list[LoadedImage | PdfData]:
+        """Each reference loaded: an image, or a PDF's bytes (under the PDF byte limit), not yet rendered."""
+        if pages is not None and not isinstance(pages, str):
+            raise PromptError(f"pages must be text such as '1-3,7', not {type(pages).__name__}")
+        # Handles are looked up in the store; new images join it only when the call succeeds (see result()).
+        store = _LookUpOnly(self.store)
+        most = self.renderer.policy.max_bytes
+        loaded = [load_source(ref, self.policy, store, pdf_max_bytes=most) for ref in refs]  # type: ignore[arg-type]
+        if pages is not None and pages.strip() and not any(isinstance(item, PdfData) for item in loaded):
+            raise PromptError("pages chooses pages of a PDF document, and no PDF was given: leave pages out")
+        return loaded
+
+    def _render(self, pdf: PdfData, pages: str | None, default: int) -> Document:
+        return self.renderer.render(pdf.data, pdf.source, pages, default_pages=default)
+
+    def _images(
+        self,
+        refs: ImageRef | Sequence[ImageRef],
+        least: int,
+        most: int,
+        pages: str | None = None,
+        *,
+        too_many: str | None = None,
+    ) -> tuple[list[LoadedImage], list[int | None] | None, float | None]:
+        """The images of a call, a PDF's pages among them; with the page numbers and the drawing time, if any.
+        ``too_many``: what to say when the pages chosen are more than ``most``."""
         if isinstance(refs, str | bytes | os.PathLike | Image.Image):
             refs = [refs]
         if not isinstance(refs, list | tuple):
@@ -279,42 +431,98 @@ class Toolbox:
         if not least <= len(refs) <= most:
             wanted = f"{least}" if least == most else f"{least} to {most}"
             raise PromptError(f"{len(refs)} image{'' if len(refs) == 1 else 's'} given; this tool takes {wanted}")
-        # Handles are looked up in the store; new images join it only when the call succeeds (see result()).
-        return load_images(refs, self.policy, _LookUpOnly(self.store))  # type: ignore[arg-type]
+        images: list[LoadedImage] = []
+        numbers: list[int | None] = []
+        render_s: float | None = None
+        for item in self._sources(refs, pages):
+            if isinstance(item, LoadedImage):
+                images.append(item)
+                numbers.append(None)
+                continue
+            document = self._render(item, pages, default=max(most - len(refs) + 1, 1))
+            render_s = (render_s or 0.0) + document.render_s
+            images += [page.image for page in document.pages]
+            numbers += [page.number for page in document.pages]
+        if len(images) > most:
+            raise PromptError(
+                f"{too_many}: pass pages='2' for page 2"
+                if too_many
+                else f"{len(images)} images and pages given; this tool takes {least} to {most}: choose fewer pages "
+                "with pages, e.g. pages='1-2'"
+            )
+        if len(images) < least:  # a PDF counted as one reference, and had one page
+            raise PromptError(f"{len(images)} image given; this tool takes {least} to {most} images or pages")
+        return images, (numbers if render_s is not None else None), render_s
 
-    def describe_request(self, image: ImageRef, question: str | None = None, detail: Detail = "normal") -> Prepared:
+    def _document(self, ref: ImageRef, pages: str | None) -> LoadedImage | Document:
+        """One reference: an image, or a PDF rendered (the pages asked for, by default the first up to the limit)."""
+        (item,) = self._sources([ref], pages)
+        return item if isinstance(item, LoadedImage) else self._render(item, pages, self.renderer.policy.max_pages)
+
+    def describe_request(
+        self, image: ImageRef, question: str | None = None, detail: Detail = "normal", pages: str | None = None
+    ) -> Prepared:
         if not isinstance(detail, str) or detail not in MAX_NEW_TOKENS:
             raise PromptError(f"detail must be one of {', '.join(MAX_NEW_TOKENS)}, not {_shown(detail)}")
         question = _text_argument("question", question, optional=True)
-        images = self._images([image], 1, 1)
+        images, numbers, render_s = self._images([image], 1, 1, pages, too_many="describe_image looks at one page")
         length = {"brief": "in one or two sentences", "normal": "in a short paragraph", "detailed": "in detail"}
         prompt = f"Describe this image {length[detail]}."
         if question:
             prompt = f"{_clean(question)}\nAnswer {length[detail]}, focused on that question."
         prompt += " Also say what kind of image it is, list its main objects, and copy any visible text."
         request = self._request(prompt, images, _DescribeAnswer.model_json_schema(), MAX_NEW_TOKENS[detail])
-        return Prepared(request, images, ImageDescription, {})
+        return Prepared(request, images, ImageDescription, {}, numbers, render_s)
 
-    def read_text_request(self, image: ImageRef, fields: Sequence[str] | None = None) -> Prepared:
+    def read_text_request(
+        self, image: ImageRef, fields: Sequence[str] | None = None, pages: str | None = None
+    ) -> Prepared | DocumentPrepared:
         names = _names(fields, "field", MAX_FIELDS, FIELD_NAME, "use letters, digits, spaces, '_' or '-'")
-        images = self._images([image], 1, 1)
+        source = self._document(image, pages)
+        if isinstance(source, LoadedImage):
+            return self._read_request(source, names)
+        requests: list[Prepared | None] = []
+        for page in source.pages:
+            if page.text is None:
+                requests.append(self._read_request(page.image, names))
+            elif names:  # the text is the page's own; the fields are read from its picture
+                requests.append(self._fields_request(page.image, names))
+            else:
+                requests.append(None)
+        return DocumentPrepared(source, requests, TextReading, names)
+
+    def _read_request(self, image: LoadedImage, names: list[str] | None) -> Prepared:
+        images = [image]
         prompt = "Transcribe all the text in this image in reading order, one entry per line."
         schema = _ReadAnswer.model_json_schema()
         if names:
-            schema["properties"]["fields"] = {
-                "type": "object",
-                "properties": {name: {"anyOf": [{"type": "string"}, {"type": "null"}]} for name in names},
-                "required": names,
-                "additionalProperties": False,
-                "description": "The requested fields; null for a field that is not in the image.",
-            }
+            schema["properties"]["fields"] = _fields_schema(names)
             schema["required"] = [*schema["required"], "fields"]
             prompt += f" Also extract these fields: {', '.join(names)}. Use null for a field that is not there."
         return Prepared(self._request(prompt, images, schema, 800), images, TextReading, {})
 
-    def read_table_request(self, image: ImageRef, columns: Sequence[str] | None = None) -> Prepared:
+    def _fields_request(self, image: LoadedImage, names: list[str]) -> Prepared:
+        schema = {
+            "type": "object",
+            "properties": {"fields": _fields_schema(names)},
+            "required": ["fields"],
+            "additionalProperties": False,
+        }
+        prompt = f"Extract these fields from this page: {', '.join(names)}. Use null for a field that is not there."
+        return Prepared(self._request(prompt, [image], schema, 300), [image], TextReading, {})
+
+    def read_table_request(
+        self, image: ImageRef, columns: Sequence[str] | None = None, pages: str | None = None
+    ) -> Prepared | DocumentPrepared:
         names = _names(columns, "column", MAX_TABLE_COLUMNS, COLUMN_NAME, "no control characters or image tags")
-        images = self._images([image], 1, 1)
+        source = self._document(image, pages)
+        if isinstance(source, LoadedImage):
+            return self._table_request(source, names)
+        requests: list[Prepared | None] = [self._table_request(page.image, names) for page in source.pages]
+        return DocumentPrepared(source, requests, Table, names)
+
+    def _table_request(self, image: LoadedImage, names: list[str] | None) -> Prepared:
+        images = [image]
         schema = _TableAnswer.model_json_schema()
         if names:  # exactly these columns, in this order: the tool sets them; each row has one cell per column
             del schema["properties"]["columns"]
@@ -331,14 +539,16 @@ class Toolbox:
         request = self._request(prompt, images, schema, 1000)
         return Prepared(request, images, Table, {"columns": names} if names else {})
 
-    def compare_request(self, images_in: Sequence[ImageRef], question: str | None = None) -> Prepared:
+    def compare_request(
+        self, images_in: Sequence[ImageRef], question: str | None = None, pages: str | None = None
+    ) -> Prepared:
         question = _text_argument("question", question, optional=True)
-        images = self._images(images_in, 2, self.max_compare)
+        images, numbers, render_s = self._images(images_in, 2, self.max_compare, pages)
         prompt = "Compare these images." if not question else f"Compare these images: {_clean(question)}"
         prompt += " Summarize how they relate, then list their similarities and their differences."
         request = self._request(prompt, images, _CompareAnswer.model_json_schema(), 500)
         request.num_crops = self.multi_image_num_crops  # several images: keep the prompt short (Phi-3.5 advice)
-        return Prepared(request, images, ImageComparison, {})
+        return Prepared(request, images, ImageComparison, {}, numbers, render_s)
 
     def ask_request(
         self,
@@ -346,6 +556,7 @@ class Toolbox:
         question: str,
         output_schema: dict[str, Any] | type[BaseModel] | None = None,
         max_new_tokens: int = 500,
+        pages: str | None = None,
     ) -> Prepared:
         question = _clean(_text_argument("question", question, optional=False) or "")
         if not question:
@@ -356,11 +567,11 @@ class Toolbox:
         elif output_schema is not None:
             check_schema(output_schema, self.schema_limits)  # before any image is fetched or decoded
             schema = dict(output_schema)
-        images = self._images(images_in, 1, self.max_compare)
+        images, numbers, render_s = self._images(images_in, 1, self.max_compare, pages)
         request = self._request(question, images, schema, max_new_tokens)  # question: already cleaned above
         if len(images) > 1:
             request.num_crops = self.multi_image_num_crops
-        return Prepared(request, images, Answer, {})
+        return Prepared(request, images, Answer, {}, numbers, render_s)
 
     def _request(
         self, prompt: str, images: list[LoadedImage], schema: dict[str, Any] | None, max_new_tokens: int
@@ -387,9 +598,13 @@ class Toolbox:
             completion_tokens=generated.completion_tokens,
             cached_images=generated.cached_images,
             truncated=generated.truncated,
-            seconds=call_seconds(generated.timings, wall, load_s),
+            seconds=call_seconds(generated.timings, wall, load_s, prepared.render_s),
         )
-        infos = [ImageInfo(handle=i.handle, width=i.width, height=i.height) for i in images]
+        numbers = prepared.pages or [None] * len(images)
+        infos = [
+            ImageInfo(handle=i.handle, width=i.width, height=i.height, page=n)
+            for i, n in zip(images, numbers, strict=True)
+        ]
         if cls is Answer:
             answer = generated.parsed if generated.parsed is not None else generated.text.strip()
             return cls.model_validate({"answer": answer, "images": infos, "call": call})
@@ -400,96 +615,318 @@ class Toolbox:
             fields["rows"] = [(list(row) + [None] * width)[:width] for row in rows]
         return cls.model_validate({**fields, "images": infos, "call": call})
 
+    def document_result(
+        self,
+        prepared: DocumentPrepared,
+        generated: Sequence[GenerationResult | None],
+        *,
+        started: float | None = None,
+        load_s: float = 0.0,
+    ) -> TextReading | Table:
+        """read_text's or read_table's result on a PDF: each page's reading, and what they say together."""
+        document = prepared.document
+        for image in prepared.images:  # the call succeeded: each page can be referred to by handle from now on
+            self.store.add(image)
+        results = [g for g in generated if g is not None]
+        wall = time.perf_counter() - started if started is not None else 0.0
+        call = CallInfo(
+            model=self.backend.model_name,
+            prompt_tokens=sum(g.prompt_tokens for g in results),
+            completion_tokens=sum(g.completion_tokens for g in results),
+            cached_images=sum(g.cached_images for g in results),
+            truncated=any(g.truncated for g in results),
+            seconds=_document_seconds(results, wall, load_s, document.render_s),
+        )
+        images = [
+            ImageInfo(handle=p.image.handle, width=p.image.width, height=p.image.height, page=p.number)
+            for p in document.pages
+        ]
+        meta = {"images": images, "call": call, "page_count": document.page_count}
+        if prepared.result is Table:
+            tables = [
+                PageTable.model_validate(
+                    {**_table_fields(g, prepared.names), "page": p.number, "handle": p.image.handle}
+                )
+                for p, g in zip(document.pages, generated, strict=True)
+            ]
+            first = next((t for t in tables if t.columns), tables[0] if tables else None)
+            top = first.model_dump(exclude={"page", "handle"}) if first else _empty_table()
+            top["rows"] = [row for t in tables if first and t.columns == first.columns for row in t.rows]
+            return Table.model_validate({**top, **meta, "pages": tables})
+        readings = [_page_reading(p, g, prepared.names) for p, g in zip(document.pages, generated, strict=True)]
+        merged: dict[str, str | None] | None = None
+        found: dict[str, int | None] | None = None
+        if prepared.names:
+            merged, found = {}, {}
+            for name in prepared.names:
+                hit = next((r for r in readings if r.fields and r.fields.get(name) is not None), None)
+                merged[name] = hit.fields[name] if hit and hit.fields else None
+                found[name] = hit.page if hit else None
+        return TextReading.model_validate(
+            {
+                "text": "\n\n".join(r.text for r in readings if r.text),
+                "lines": [line for r in readings for line in r.lines],
+                "fields": merged,
+                "field_pages": found,
+                "pages": readings,
+                **meta,
+            }
+        )
+
     # -- the tools --------------------------------------------------------------------------------------------------
 
     def describe_image(
-        self, image: ImageRef, question: str | None = None, detail: Detail = "normal"
+        self, image: ImageRef, question: str | None = None, detail: Detail = "normal", pages: str | None = None
     ) -> ImageDescription:
-        """What an image shows (focused on ``question`` if given): description, objects, kind, visible text."""
-        return self._run(self.describe_request, image, question, detail)
+        """What an image (or one page of a PDF) shows, focused on ``question`` if given: description, objects, kind,
+        visible text."""
+        return self._run(None, self.describe_request, image, question, detail, pages)
 
-    def read_text(self, image: ImageRef, fields: Sequence[str] | None = None) -> TextReading:
-        """The text in an image (OCR), and optionally named fields such as title and author."""
-        return self._run(self.read_text_request, image, fields)
+    def read_text(
+        self,
+        image: ImageRef,
+        fields: Sequence[str] | None = None,
+        pages: str | None = None,
+        *,
+        on_page: PageProgress | None = None,
+    ) -> TextReading:
+        """The text in an image or in the pages of a PDF (OCR, or a page's own text layer), and optionally named
+        fields such as title and author."""
+        return self._run(on_page, self.read_text_request, image, fields, pages)
 
-    def read_table(self, image: ImageRef, columns: Sequence[str] | None = None) -> Table:
+    def read_table(
+        self,
+        image: ImageRef,
+        columns: Sequence[str] | None = None,
+        pages: str | None = None,
+        *,
+        on_page: PageProgress | None = None,
+    ) -> Table:
         """A table or chart as data: columns, rows (one cell per column), title, units, summary. With ``columns``,
-        exactly those columns in that order (null where a cell is absent)."""
-        return self._run(self.read_table_request, image, columns)
+        exactly those columns in that order (null where a cell is absent). On a PDF, the table of each page."""
+        return self._run(on_page, self.read_table_request, image, columns, pages)
 
-    def compare_images(self, images: Sequence[ImageRef], question: str | None = None) -> ImageComparison:
-        """How 2 to ``max_compare`` images relate: summary, similarities, differences."""
-        return self._run(self.compare_request, images, question)
+    def compare_images(
+        self, images: Sequence[ImageRef], question: str | None = None, pages: str | None = None
+    ) -> ImageComparison:
+        """How 2 to ``max_compare`` images (or pages of PDFs) relate: summary, similarities, differences."""
+        return self._run(None, self.compare_request, images, question, pages)
 
     def ask_images(
         self,
         images: ImageRef | Sequence[ImageRef],
         question: str,
         output_schema: dict[str, Any] | type[BaseModel] | None = None,
+        pages: str | None = None,
     ) -> Answer:
-        """Any question about 1 to ``max_compare`` images; with ``output_schema`` the answer conforms to it."""
-        return self._run(self.ask_request, images, question, output_schema)
+        """Any question about 1 to ``max_compare`` images (or pages of PDFs); with ``output_schema`` the answer
+        conforms to it."""
+        return self._run(None, self.ask_request, images, question, output_schema, 500, pages)
 
     async def adescribe_image(
         self,
         image: ImageRef,
         question: str | None = None,
         detail: Detail = "normal",
+        pages: str | None = None,
         *,
         on_text: ProgressCallback | None = None,
+        on_page: PageProgress | None = None,
     ) -> ImageDescription:
-        return await self._arun(on_text, self.describe_request, image, question, detail)
+        return await self._arun(on_text, on_page, self.describe_request, image, question, detail, pages)
 
     async def aread_text(
-        self, image: ImageRef, fields: Sequence[str] | None = None, *, on_text: ProgressCallback | None = None
+        self,
+        image: ImageRef,
+        fields: Sequence[str] | None = None,
+        pages: str | None = None,
+        *,
+        on_text: ProgressCallback | None = None,
+        on_page: PageProgress | None = None,
     ) -> TextReading:
-        return await self._arun(on_text, self.read_text_request, image, fields)
+        return await self._arun(on_text, on_page, self.read_text_request, image, fields, pages)
 
     async def aread_table(
-        self, image: ImageRef, columns: Sequence[str] | None = None, *, on_text: ProgressCallback | None = None
+        self,
+        image: ImageRef,
+        columns: Sequence[str] | None = None,
+        pages: str | None = None,
+        *,
+        on_text: ProgressCallback | None = None,
+        on_page: PageProgress | None = None,
     ) -> Table:
-        return await self._arun(on_text, self.read_table_request, image, columns)
+        return await self._arun(on_text, on_page, self.read_table_request, image, columns, pages)
 
     async def acompare_images(
-        self, images: Sequence[ImageRef], question: str | None = None, *, on_text: ProgressCallback | None = None
+        self,
+        images: Sequence[ImageRef],
+        question: str | None = None,
+        pages: str | None = None,
+        *,
+        on_text: ProgressCallback | None = None,
+        on_page: PageProgress | None = None,
     ) -> ImageComparison:
-        return await self._arun(on_text, self.compare_request, images, question)
+        return await self._arun(on_text, on_page, self.compare_request, images, question, pages)
 
     async def aask_images(
         self,
         images: ImageRef | Sequence[ImageRef],
         question: str,
         output_schema: dict[str, Any] | type[BaseModel] | None = None,
+        pages: str | None = None,
         *,
         on_text: ProgressCallback | None = None,
+        on_page: PageProgress | None = None,
     ) -> Answer:
-        return await self._arun(on_text, self.ask_request, images, question, output_schema)
+        return await self._arun(on_text, on_page, self.ask_request, images, question, output_schema, 500, pages)
 
-    def _run(self, prepare: Callable[..., Prepared], *args: Any) -> Any:
+    def _run(
+        self, on_page: PageProgress | None, prepare: Callable[..., Prepared | DocumentPrepared], *args: Any
+    ) -> Any:
         started = time.perf_counter()
         prepared = prepare(*args)
-        backend, load_s = self._timed_backend(prepared)
+        if isinstance(prepared, DocumentPrepared):
+            return self._run_document(prepared, on_page, started)
+        backend, load_s = self._timed_backend(prepared.request.json_schema is not None)
         generated = backend.generate_sync(prepared.request)
         return self.result(prepared, generated, started=started, load_s=load_s)
 
-    async def _arun(self, on_text: ProgressCallback | None, prepare: Callable[..., Prepared], *args: Any) -> Any:
+    def _run_document(self, prepared: DocumentPrepared, on_page: PageProgress | None, started: float) -> Any:
+        """The pages' requests at once (each on a thread of its own, so that the engine batches them); the first
+        failure fails the call, and the pages not yet sent are not sent."""
+        progress = _Pages(prepared, on_page)
+        backend, load_s = self._timed_backend(any(p is not None for p in prepared.requests))
+        generated: list[GenerationResult | None] = [None] * len(prepared.requests)
+        todo = [(i, p) for i, p in enumerate(prepared.requests) if p is not None]
+        if todo:
+            with concurrent.futures.ThreadPoolExecutor(len(todo), thread_name_prefix="phi3v-page") as pool:
+                futures = {pool.submit(backend.generate_sync, p.request): i for i, p in todo}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        generated[futures[future]] = future.result()
+                        progress.done_one()
+                finally:
+                    for future in futures:
+                        future.cancel()
+        return self.document_result(prepared, generated, started=started, load_s=load_s)
+
+    async def _arun(
+        self,
+        on_text: ProgressCallback | None,
+        on_page: PageProgress | None,
+        prepare: Callable[..., Prepared | DocumentPrepared],
+        *args: Any,
+    ) -> Any:
         started = time.perf_counter()
         prepared = await asyncio.to_thread(prepare, *args)  # images are read and decoded off the event loop
+        if isinstance(prepared, DocumentPrepared):
+            return await self._arun_document(prepared, on_text, on_page, started)
         prepared.request.on_text = on_text
-        backend, load_s = await asyncio.to_thread(self._timed_backend, prepared)  # a first call may load the model
+        # A first call may load the model: in a thread.
+        backend, load_s = await asyncio.to_thread(self._timed_backend, prepared.request.json_schema is not None)
         generated = await backend.generate(prepared.request)
         # Off the loop too: the images join the store, which for a DiskImageStore means encoding and writing PNGs.
         return await asyncio.to_thread(self.result, prepared, generated, started=started, load_s=load_s)
 
-    def _timed_backend(self, prepared: Prepared) -> tuple[Backend, float]:
+    async def _arun_document(
+        self, prepared: DocumentPrepared, on_text: ProgressCallback | None, on_page: PageProgress | None, started: float
+    ) -> Any:
+        """The pages' requests sent to the engine at once; the first failure (or a cancellation) stops the rest."""
+        progress = _Pages(prepared, on_page)
+        needed = any(p is not None for p in prepared.requests)
+        backend, load_s = await asyncio.to_thread(self._timed_backend, needed)
+
+        async def page(request: GenerationRequest) -> GenerationResult:
+            request.on_text = on_text
+            result = await backend.generate(request)
+            progress.done_one()
+            return result
+
+        tasks = {i: asyncio.ensure_future(page(p.request)) for i, p in enumerate(prepared.requests) if p is not None}
+        try:
+            if tasks:
+                await asyncio.gather(*tasks.values())
+        finally:
+            for task in tasks.values():
+                task.cancel()  # after a failure: the other pages stop at their next step
+        generated = [tasks[i].result() if i in tasks else None for i in range(len(prepared.requests))]
+        return await asyncio.to_thread(self.document_result, prepared, generated, started=started, load_s=load_s)
+
+    def _timed_backend(self, json_answer: bool) -> tuple[Backend, float]:
         """The backend, and how long this call waited for it: loading the model and, for a JSON answer, warming up
         the grammar engine (a local engine's ``wait_until_warm``), on a first call."""
         started = time.perf_counter()
         backend = self.backend
         wait_until_warm = getattr(backend, "wait_until_warm", None)
-        if prepared.request.json_schema is not None and callable(wait_until_warm):
+        if json_answer and callable(wait_until_warm):
             wait_until_warm(self.WARM_UP_WAIT_S)
         return backend, time.perf_counter() - started
+
+
+class _Pages:
+    """A document call's page progress: reported once its pages are known (those read from their text layer count
+    as done), then after each page the model reads."""
+
+    def __init__(self, prepared: DocumentPrepared, report: PageProgress | None) -> None:
+        self._report = report
+        self.total = len(prepared.requests)
+        self.done = sum(p is None for p in prepared.requests)
+        self._lock = threading.Lock()
+        if report is not None:
+            report(self.done, self.total)
+
+    def done_one(self) -> None:
+        with self._lock:
+            self.done += 1
+            done = self.done
+        if self._report is not None:
+            self._report(done, self.total)
+
+
+def _fields_schema(names: list[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {name: {"anyOf": [{"type": "string"}, {"type": "null"}]} for name in names},
+        "required": names,
+        "additionalProperties": False,
+        "description": "The requested fields; null for a field that is not in the image.",
+    }
+
+
+def _page_reading(page: Page, generated: GenerationResult | None, names: list[str] | None) -> PageText:
+    """One page of read_text on a PDF: its text layer (``generated`` holds the fields, if any were asked for) or the
+    model's reading of its picture."""
+    parsed = generated.parsed if generated is not None and isinstance(generated.parsed, dict) else {}
+    fields = parsed.get("fields") if names else None
+    if names and not isinstance(fields, dict):
+        fields = dict.fromkeys(names)
+    text = page.text
+    if text is not None:
+        source: TextSource = "text"
+        lines = [line for line in text.split("\n") if line.strip()]
+    else:
+        source = "ocr"
+        text = str(parsed.get("text") or "")
+        lines = [str(line) for line in parsed.get("lines") or ()]
+    return PageText(page=page.number, handle=page.image.handle, source=source, text=text, lines=lines, fields=fields)
+
+
+def _table_fields(generated: GenerationResult | None, names: list[str] | None) -> dict[str, Any]:
+    """One page's table from the model's answer: the columns asked for (if any), one cell per column."""
+    fields = {
+        **_empty_table(),
+        **(generated.parsed if generated is not None and isinstance(generated.parsed, dict) else {}),
+    }
+    if names:
+        fields["columns"] = names
+    width = len(fields.get("columns") or ())
+    rows = (fields.get("rows") or ()) if width else ()
+    fields["rows"] = [(list(row) + [None] * width)[:width] for row in rows]
+    return fields
+
+
+def _empty_table() -> dict[str, Any]:
+    return {"title": None, "columns": [], "rows": [], "units": None, "summary": ""}
 
 
 class _LookUpOnly:
@@ -565,7 +1002,8 @@ def _names(names: Any, noun: str, most: int, pattern: re.Pattern[str], rule: str
 TABLE_PROMPT = "Can you convert the table in this image to JSON? For a chart, give its data as a table."
 IMAGE_FORMS = (
     "a local file path (under the allowed directories), an http(s) URL (when URLs are allowed), a "
-    "data:image/...;base64 URI, plain base64, or an image://sha256/... handle from an earlier result"
+    "data:image/...;base64 URI, plain base64, or an image://sha256/... handle from an earlier result; a PDF "
+    "document (a path, URL, data:application/pdf;base64 URI or base64) also works, its pages chosen with pages"
 )
 IMAGE_REF = f"The image: {IMAGE_FORMS}."
 IMAGES_REF = f"The images, in order; each {IMAGE_FORMS}."
@@ -587,6 +1025,20 @@ def _split_names(value: Any) -> Any:
     return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
 
+def _pages_field(description: str) -> Any:
+    return Field(default=None, min_length=1, max_length=200, description=description)
+
+
+PAGES_OF_ONE = (
+    "Optional, for a PDF: the pages to read, e.g. '2', '1-3,7' or '5-' (default: the first pages, up to the "
+    "per-call limit). Each page comes back with its own handle."
+)
+PAGES_OF_SEVERAL = (
+    "Optional, for PDFs among the images: which of their pages to use as images, e.g. '1-2' (default: the first "
+    "pages, as many as fit the image limit)."
+)
+
+
 class DescribeImageArgs(ToolArgs):
     """Arguments of ``describe_image``."""
 
@@ -599,6 +1051,7 @@ class DescribeImageArgs(ToolArgs):
         description="How long the description is: brief (one or two sentences), normal (a short paragraph) "
         "or detailed.",
     )
+    pages: str | None = _pages_field("Optional, for a PDF: the one page to describe, e.g. '2' (default: page 1).")
 
 
 class ReadTextArgs(ToolArgs):
@@ -612,6 +1065,7 @@ class ReadTextArgs(ToolArgs):
         description=f"Optional: up to {MAX_FIELDS} names of values to extract besides the full text, e.g. "
         "['title', 'author'] or ['date', 'total']; a value not in the image comes back as null.",
     )
+    pages: str | None = _pages_field(PAGES_OF_ONE)
 
     _split = field_validator("fields", mode="before")(_split_names)
 
@@ -627,6 +1081,7 @@ class ReadTableArgs(ToolArgs):
         description=f"Optional: the columns you want, in order (up to {MAX_TABLE_COLUMNS}), e.g. ['Region', 'Q1']; "
         "exactly these come back, with null where a cell is absent. Omit it for every column the table has.",
     )
+    pages: str | None = _pages_field(PAGES_OF_ONE)
 
     _split = field_validator("columns", mode="before")(_split_names)
 
@@ -638,6 +1093,7 @@ class CompareImagesArgs(ToolArgs):
     question: str | None = Field(
         default=None, description="Optional: what to compare, e.g. 'What changed between the two?'."
     )
+    pages: str | None = _pages_field(PAGES_OF_SEVERAL)
 
 
 class AskImagesArgs(ToolArgs):
@@ -650,6 +1106,7 @@ class AskImagesArgs(ToolArgs):
         description="Optional JSON schema the answer must conform to, e.g. {'type': 'object', 'properties': "
         "{'count': {'type': 'integer'}}, 'required': ['count']}. Omit it for a free-text answer.",
     )
+    pages: str | None = _pages_field(PAGES_OF_SEVERAL)
 
     @field_validator("images", mode="before")
     @classmethod
@@ -672,7 +1129,7 @@ class ToolSpec:
     """One tool, as every surface offers it.
 
     ``call``/``acall`` run it on a :class:`Toolbox` with keyword arguments named as ``args``' fields (the
-    Toolbox method of the same name, and its ``a``-prefixed async form, which takes ``on_text``).
+    Toolbox method of the same name, and its ``a``-prefixed async form, which takes ``on_text`` and ``on_page``).
     """
 
     name: str
@@ -692,9 +1149,13 @@ class ToolSpec:
         return getattr(toolbox, self.name)(**arguments)
 
     def acall(
-        self, toolbox: Toolbox, arguments: Mapping[str, Any], on_text: ProgressCallback | None = None
+        self,
+        toolbox: Toolbox,
+        arguments: Mapping[str, Any],
+        on_text: ProgressCallback | None = None,
+        on_page: PageProgress | None = None,
     ) -> Awaitable[Any]:
-        return getattr(toolbox, "a" + self.name)(**arguments, on_text=on_text)
+        return getattr(toolbox, "a" + self.name)(**arguments, on_text=on_text, on_page=on_page)
 
 
 def _images_args(base: type[ToolArgs], least: int, most: int) -> type[ToolArgs]:
@@ -727,7 +1188,8 @@ def tool_specs(max_compare: int = 4) -> tuple[ToolSpec, ...]:
             "Read the text in one image (OCR): documents, screenshots, receipts, signs, slides, book covers. Returns "
             "the text in reading order, line by line; with fields (e.g. ['title', 'author']) it also extracts those "
             "values, with null for a value that is not there. Use it instead of describe_image when you need the "
-            f"exact words. {UNTRUSTED_NOTE}",
+            "exact words. On a PDF it reads each page chosen with pages (a page's own text layer when it has one) and "
+            f"returns them in pages, each with a handle. {UNTRUSTED_NOTE}",
             ReadTextArgs,
             TextReading,
         ),
@@ -737,7 +1199,8 @@ def tool_specs(max_compare: int = 4) -> tuple[ToolSpec, ...]:
             "Read a table, chart or form in one image as data: the column headers, the rows (one cell per column: "
             "text, a number, or null), the title, the units and a short summary. With columns (e.g. ['Region', "
             "'Q1']) exactly those columns come back, in that order. Use it when you need a table's or chart's values "
-            f"rather than a description. {UNTRUSTED_NOTE}",
+            "rather than a description. On a PDF it reads the table of each page chosen with pages, and joins rows "
+            f"of a table that runs over several pages. {UNTRUSTED_NOTE}",
             ReadTableArgs,
             Table,
         ),

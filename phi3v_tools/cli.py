@@ -308,9 +308,10 @@ class LiveText:
         self.started = False
         self.ended = False
         self._held = ""  # trailing whitespace, shown only when more text follows: the answer is stripped
+        self.paged = False
 
     def __call__(self, piece: str) -> None:
-        if self.ended:  # a piece still on its way after an interruption
+        if self.ended or self.paged:  # a piece still on its way after an interruption; or pages read at once
             return
         text = self._held + piece if self.started else piece.lstrip()
         shown = text.rstrip()
@@ -326,6 +327,16 @@ class LiveText:
         if self.started and not self.ended:
             click.echo(err=not self.to_stdout)
         self.ended = True
+
+    def page(self, done: int, total: int) -> None:
+        """A PDF's progress, on stderr: "2 of 3 pages read". Its pages are read at once, so their text is not
+        streamed (the pieces of several answers would interleave)."""
+        if self.ended:
+            return
+        if self.started and not self.paged:
+            click.echo(err=not self.to_stdout)  # end the line streamed so far
+        self.paged = True
+        click.echo(click.style(f"{done} of {total} pages read", dim=True), err=True)
 
 
 def run_tool(
@@ -444,7 +455,7 @@ def _spec_command(spec: ToolSpec) -> click.Command:
         free_text = spec.result is Answer and values.get("output_schema") is None  # streams to stdout as it comes
         run_tool(
             options,
-            lambda tools, live: spec.acall(tools, values, live),
+            lambda tools, live: spec.acall(tools, values, live, live.page if live is not None else None),
             free_text=free_text,
             as_csv=as_csv,
         )
@@ -701,6 +712,40 @@ def run_demo(settings: Settings, max_new_tokens: int) -> None:
             f"[{inputs['input_ids'].shape[1]} prompt tokens, {new.shape[1]} new, {time.perf_counter() - t0:.2f}s]"
         )
         click.echo(answer.strip() or "(empty answer)")
+    _demo_document(model, processor, settings, max_new_tokens)
+
+
+def _demo_document(model: Any, processor: Any, settings: Settings, max_new_tokens: int) -> None:
+    """The demo's last step: read_text on a generated 3-page PDF (an invoice and a table with real text layers, a
+    scan with an invisible OCR layer), through the toolbox, on an engine over the model already loaded."""
+    from importlib.util import find_spec
+
+    from phi3v_tools.engine.core import Engine
+    from phi3v_tools.images import ImagePolicy
+    from phi3v_tools.pdf_samples import demo_document
+    from phi3v_tools.tools import Toolbox
+
+    click.echo("\n## document: read_text on a 3-page PDF (an invoice, a table, a scanned page)")
+    if find_spec("pypdfium2") is None:
+        click.echo("(skipped: reading PDFs needs the pdf extra: pip install 'phi3v-tools[pdf]')")
+        return
+    engine = Engine(model, processor, replace(settings, max_new_tokens=max_new_tokens))
+    try:
+        toolbox = Toolbox(engine, ImagePolicy(allowed_dirs=()), documents=settings.document_policy())
+        reading = toolbox.read_text(demo_document())
+    except Phi3VToolsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        engine.close()
+    seconds = reading.call.seconds
+    click.echo(
+        f"[{reading.page_count} pages, rendered in {seconds['render']:.2f}s, "
+        f"{reading.call.completion_tokens} new tokens, {seconds['total']:.2f}s]"
+    )
+    for page in reading.pages or ():
+        how = "its text layer, exact" if page.source == "text" else "a scan, read by the model"
+        first = page.text.strip().split("\n", 1)[0][:100]
+        click.echo(f"page {page.page} ({how}): {first or '(no text)'}")
 
 
 @main.command("make-tiny-checkpoint")

@@ -45,6 +45,12 @@ Invocation with ToolCall:
         message.artifact  # the TextReading result: .text, .lines, .fields, .images[0].handle, .call
 
     In an agent: ``langchain.agents.create_agent(model, tools)``; see ``examples/agent_chain.py``.
+
+PDF documents:
+    Every tool takes a PDF where it takes an image, with ``pages`` (e.g. ``"1-3,7"``). ``read_text`` and
+    ``read_table`` report their progress as a custom event, ``phi3v_tools.page``, with data
+    ``{"tool": ..., "done": pages read, "total": pages in the call}`` (``astream_events`` shows it as
+    ``on_custom_event``; a callback handler's ``on_custom_event`` receives it).
 """
 
 from __future__ import annotations
@@ -208,16 +214,41 @@ class _Phi3VisionTool(BaseTool):
 
     def _run(self, *, run_manager: CallbackManagerForToolRun | None = None, **arguments: Any) -> tuple[str, Any]:
         toolbox = self._toolbox()
+        on_page = None
+        if run_manager is not None:
+            child, run_id = run_manager.get_child(), run_manager.run_id
+
+            def on_page(done: int, total: int) -> None:
+                child.on_custom_event(PAGE_EVENT, {"tool": self.name, "done": done, "total": total}, run_id=run_id)
+
         with self._errors():
-            result = _SPECS[self.name].call(toolbox, arguments)  # the call is the same whatever the limits
+            result = _SPECS[self.name].call(toolbox, arguments, on_page)  # the call is the same whatever the limits
         return result_text(result), result
 
     async def _arun(
         self, *, run_manager: AsyncCallbackManagerForToolRun | None = None, **arguments: Any
     ) -> tuple[str, Any]:
+        events: list[asyncio.Task[Any]] = []
+        on_page = None
+        if run_manager is not None:
+            child, run_id = run_manager.get_child(), run_manager.run_id
+            loop = asyncio.get_running_loop()
+
+            def on_page(done: int, total: int) -> None:  # on the loop, or from a worker thread
+                data = {"tool": self.name, "done": done, "total": total}
+
+                def send() -> None:
+                    events.append(loop.create_task(child.on_custom_event(PAGE_EVENT, data, run_id=run_id)))
+
+                loop.call_soon_threadsafe(send)
+
         with self._errors():
             toolbox = await asyncio.to_thread(self._ready)  # a first-use model load runs in a thread, not on the loop
-            result = await _SPECS[self.name].acall(toolbox, arguments)
+            try:
+                result = await _SPECS[self.name].acall(toolbox, arguments, on_page=on_page)
+            finally:
+                await asyncio.sleep(0)  # the events scheduled last are created, then all of them delivered
+                await asyncio.gather(*events, return_exceptions=True)
         return result_text(result), result
 
     def _ready(self) -> Toolbox:
@@ -241,6 +272,7 @@ class _Phi3VisionTool(BaseTool):
             ) from exc
 
 
+PAGE_EVENT = "phi3v_tools.page"  # the custom event of a PDF's page progress
 _SPECS = {spec.name: spec for spec in tool_specs()}  # the defaults the classes show before a toolbox is known
 
 

@@ -676,11 +676,17 @@ class Toolbox:
     # -- the tools --------------------------------------------------------------------------------------------------
 
     def describe_image(
-        self, image: ImageRef, question: str | None = None, detail: Detail = "normal", pages: str | None = None
+        self,
+        image: ImageRef,
+        question: str | None = None,
+        detail: Detail = "normal",
+        pages: str | None = None,
+        *,
+        on_page: PageProgress | None = None,
     ) -> ImageDescription:
         """What an image (or one page of a PDF) shows, focused on ``question`` if given: description, objects, kind,
-        visible text."""
-        return self._run(None, self.describe_request, image, question, detail, pages)
+        visible text. (``on_page``, as every tool takes it, reports the pages read by read_text and read_table.)"""
+        return self._run(on_page, self.describe_request, image, question, detail, pages)
 
     def read_text(
         self,
@@ -707,10 +713,15 @@ class Toolbox:
         return self._run(on_page, self.read_table_request, image, columns, pages)
 
     def compare_images(
-        self, images: Sequence[ImageRef], question: str | None = None, pages: str | None = None
+        self,
+        images: Sequence[ImageRef],
+        question: str | None = None,
+        pages: str | None = None,
+        *,
+        on_page: PageProgress | None = None,
     ) -> ImageComparison:
         """How 2 to ``max_compare`` images (or pages of PDFs) relate: summary, similarities, differences."""
-        return self._run(None, self.compare_request, images, question, pages)
+        return self._run(on_page, self.compare_request, images, question, pages)
 
     def ask_images(
         self,
@@ -718,10 +729,12 @@ class Toolbox:
         question: str,
         output_schema: dict[str, Any] | type[BaseModel] | None = None,
         pages: str | None = None,
+        *,
+        on_page: PageProgress | None = None,
     ) -> Answer:
         """Any question about 1 to ``max_compare`` images (or pages of PDFs); with ``output_schema`` the answer
         conforms to it."""
-        return self._run(None, self.ask_request, images, question, output_schema, 500, pages)
+        return self._run(on_page, self.ask_request, images, question, output_schema, 500, pages)
 
     async def adescribe_image(
         self,
@@ -1145,8 +1158,8 @@ class ToolSpec:
         """The description with the note on handles that the model-facing surfaces add to every result."""
         return f"{self.description} {HANDLE_NOTE}"
 
-    def call(self, toolbox: Toolbox, arguments: Mapping[str, Any]) -> Any:
-        return getattr(toolbox, self.name)(**arguments)
+    def call(self, toolbox: Toolbox, arguments: Mapping[str, Any], on_page: PageProgress | None = None) -> Any:
+        return getattr(toolbox, self.name)(**arguments, on_page=on_page)
 
     def acall(
         self,

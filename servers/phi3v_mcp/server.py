@@ -158,7 +158,7 @@ def add_spec_tool(server: MCPServer[AppContext], spec: ToolSpec, *, open_world: 
     """Register ``spec`` as an MCP tool: its arguments model as the parameters, its result model as outputSchema."""
 
     async def handler(ctx: AppCtx, **arguments: Any) -> CallToolResult:
-        return await _call(ctx, lambda tb, on_text: spec.acall(tb, arguments, on_text))
+        return await _call(ctx, lambda tb, progress: spec.acall(tb, arguments, progress.on_text, progress.on_page))
 
     handler.__signature__ = spec_signature(spec)  # type: ignore[attr-defined]
     handler.__name__ = spec.name
@@ -182,9 +182,7 @@ def spec_signature(spec: ToolSpec) -> inspect.Signature:
     return inspect.Signature(params, return_annotation=Annotated[CallToolResult, spec.result])
 
 
-async def _call(
-    ctx: AppCtx, start: Callable[[Toolbox, Callable[[str], None]], Awaitable[ToolResult]]
-) -> CallToolResult:
+async def _call(ctx: AppCtx, start: Callable[[Toolbox, "_Progress"], Awaitable[ToolResult]]) -> CallToolResult:
     """Run one toolbox call with progress reporting; expected failures become ToolError.
 
     The call stops (and the runner drops the request) when the client cancels it, or when the HTTP
@@ -198,7 +196,7 @@ async def _call(
     with anyio.CancelScope() as scope:
         watcher = loop.create_task(_cancel_when_set(gone, scope)) if gone is not None else None
         try:
-            result = await start(app.toolbox, progress.on_text)
+            result = await start(app.toolbox, progress)
         except Phi3VToolsError as exc:
             raise ToolError(str(exc)) from None
         except anyio.get_cancelled_exc_class():
@@ -240,7 +238,9 @@ class _Progress:
     """Turns the runner's text pieces (worker thread) into throttled progress notifications (event loop).
 
     The progress value is the number of characters generated so far; there is no total (the answer's
-    length is not known in advance).
+    length is not known in advance). For a call that reads the pages of a PDF it is the pages read so far, with
+    the number of pages as the total ("2 of 3 pages read"): the pages are read at once, so their characters are not
+    one answer's, and the value must never decrease.
     """
 
     def __init__(self, ctx: AppCtx) -> None:
@@ -249,6 +249,14 @@ class _Progress:
         self._changed = asyncio.Event()
         self.chars = 0  # written by the worker thread, read on the loop (an int assignment is atomic)
         self.sent = 0
+        self.pages: tuple[int, int] | None = None  # (read, total) for a call on a PDF
+        self.pages_sent = -1
+
+    def on_page(self, done: int, total: int) -> None:
+        """The toolbox's page progress (called on the event loop, or from a worker thread)."""
+        self.pages = (done, total)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._changed.set)
 
     def on_text(self, piece: str) -> None:
         self.chars += len(piece)
@@ -267,12 +275,18 @@ class _Progress:
         await self._send()
 
     async def _send(self) -> bool:
-        """Report the characters so far, if there are new ones; False when reporting failed."""
-        chars = self.chars
-        if chars <= self.sent:
-            return True
-        self.sent = chars
+        """Report the characters (or pages) so far, if there are new ones; False when reporting failed."""
         try:
+            if self.pages is not None:
+                done, total = self.pages
+                if done > self.pages_sent:
+                    self.pages_sent = done
+                    await self._ctx.report_progress(done, total, message=f"{done} of {total} pages read")
+                return True
+            chars = self.chars
+            if chars <= self.sent:
+                return True
+            self.sent = chars
             await self._ctx.report_progress(chars, message=f"generating: {chars} characters so far")
         except Exception:  # a client that went away must not fail the call
             logger.debug("progress reporting failed", exc_info=True)

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from phi3v_tools.documents import Document, DocumentPolicy, Page, Renderer
 from phi3v_tools.engine.types import Backend, GenerationRequest, GenerationResult, Timings
 from phi3v_tools.errors import PromptError
-from phi3v_tools.images import ImagePolicy, ImageRef, ImageStore, LoadedImage, PdfData, load_source
+from phi3v_tools.images import HANDLE_PREFIX, ImagePolicy, ImageRef, ImageStore, LoadedImage, PdfData, load_source
 from phi3v_tools.model.chat_format import IMAGE_TAG, check_text
 from phi3v_tools.structured import DEFAULT_LIMITS, SchemaLimits, check_schema
 
@@ -428,7 +428,7 @@ class Toolbox:
             refs = [refs]
         if not isinstance(refs, list | tuple):
             raise PromptError(f"images must be a list of image references, not {type(refs).__name__}")
-        if not least <= len(refs) <= most:
+        if not least <= len(refs) <= most and not (refs and len(refs) < least and self._may_be_pdfs(refs)):
             wanted = f"{least}" if least == most else f"{least} to {most}"
             raise PromptError(f"{len(refs)} image{'' if len(refs) == 1 else 's'} given; this tool takes {wanted}")
         images: list[LoadedImage] = []
@@ -453,6 +453,12 @@ class Toolbox:
         if len(images) < least:  # a PDF counted as one reference, and had one page
             raise PromptError(f"{len(images)} image given; this tool takes {least} to {most} images or pages")
         return images, (numbers if render_s is not None else None), render_s
+
+    @staticmethod
+    def _may_be_pdfs(refs: Sequence[ImageRef]) -> bool:
+        """Whether fewer references than a tool takes may still do: any could be a PDF, whose pages count (an
+        image's handle cannot be one; the count is checked again once the pages are known)."""
+        return any(not (isinstance(ref, str) and ref.startswith(HANDLE_PREFIX)) for ref in refs)
 
     def _document(self, ref: ImageRef, pages: str | None) -> LoadedImage | Document:
         """One reference: an image, or a PDF rendered (the pages asked for, by default the first up to the limit)."""
@@ -910,9 +916,10 @@ def _page_reading(page: Page, generated: GenerationResult | None, names: list[st
     """One page of read_text on a PDF: its text layer (``generated`` holds the fields, if any were asked for) or the
     model's reading of its picture."""
     parsed = generated.parsed if generated is not None and isinstance(generated.parsed, dict) else {}
-    fields = parsed.get("fields") if names else None
-    if names and not isinstance(fields, dict):
-        fields = dict.fromkeys(names)
+    fields = None
+    if names:  # exactly the names asked for (a truncated answer may lack some): a value or null
+        given = parsed.get("fields") if isinstance(parsed.get("fields"), dict) else {}
+        fields = {name: given[name] if isinstance(given.get(name), str) else None for name in names}
     text = page.text
     if text is not None:
         source: TextSource = "text"

@@ -75,6 +75,17 @@ def sample_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def demo_pdf(sample_images: dict[str, Path]) -> Path:
+    """The demo document (an invoice and a table with text layers, a scan with a hidden OCR layer), as demo.pdf in
+    the sample images' folder."""
+    from phi3v_tools.pdf_samples import demo_document
+
+    path = sample_images["chart"].parent / "demo.pdf"
+    path.write_bytes(demo_document())
+    return path
+
+
 @pytest.fixture
 def fake() -> FakeBackend:
     """A backend that answers at once with the smallest schema-valid value (or its queued ``answers``)."""

@@ -145,6 +145,36 @@ def test_on_a_terminal_free_text_streams_to_stdout_as_it_is_generated(
     assert printed == streamed  # greedy decoding: the same answer, printed at the end instead
 
 
+def test_a_pdf_with_pages_gives_per_page_results_and_handles_in_json(
+    cli: Callable[..., Result], demo_pdf: Path
+) -> None:
+    pytest.importorskip("pypdfium2")
+    reading = json.loads(_ok(cli("read-text", str(demo_pdf), "--pages", "1,3", "--json")))
+    assert [(p["page"], p["source"]) for p in reading["pages"]] == [(1, "text"), (3, "ocr")]
+    assert reading["pages"][0]["text"].startswith("Invoice INV-2041") and reading["page_count"] == 3
+    assert [i["handle"] for i in reading["images"]] == [p["handle"] for p in reading["pages"]]
+    assert [i["page"] for i in reading["images"]] == [1, 3]
+    table = json.loads(_ok(cli("read-table", str(demo_pdf), "--pages", "2", "--json")))
+    assert [p["page"] for p in table["pages"]] == [2]
+    message = _failed(cli("read-text", str(demo_pdf), "--pages", "9"), 1)
+    assert message.startswith("Error: ") and "has 3" in message and len(message.strip().splitlines()) == 1
+
+
+def test_on_a_terminal_a_pdf_shows_its_pages_as_they_are_read(
+    cli: Callable[..., Result], demo_pdf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pypdfium2")
+    monkeypatch.setattr(phi3v_tools.cli, "is_terminal", lambda: True)
+    result = cli("read-text", str(demo_pdf))
+    text = _ok(result)
+    assert "--- page 1 (text layer) ---\nInvoice INV-2041" in text and "--- page 3 (read by the model) ---" in text
+    assert [line for line in result.stderr.splitlines() if "pages read" in line] == [
+        "2 of 3 pages read",
+        "3 of 3 pages read",
+    ]
+    assert "{" not in result.stderr  # the pages' JSON is not streamed (several would interleave)
+
+
 def _recording(call: Callable[[Any, str], None], pieces: list[str]) -> Callable[[Any, str], None]:
     def record(self: Any, piece: str) -> None:
         pieces.append(piece)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 from langchain.agents import create_agent
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolCall, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
@@ -31,6 +31,7 @@ from phi3v_tools import api
 from phi3v_tools.errors import BusyError, OptionalDependencyError
 from phi3v_tools.images import ImagePolicy
 from phi3v_tools.langchain import (
+    PAGE_EVENT,
     AskImagesTool,
     CompareImagesTool,
     DescribeImageTool,
@@ -607,3 +608,55 @@ def test_the_agent_chain_example_runs(tiny_dir: Path) -> None:
     assert re.search(r"2\. model -> compare_images\(\{'images': \['image://sha256/[0-9a-f]{64}'", out)
     assert re.search(r"\(ImageComparison; cached images: [1-9]", out)
     assert "Final answer: The cover reads: " in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PDF documents
+
+
+class _PageEvents(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        self.events.append((name, data))
+
+
+def test_a_pdf_through_a_langchain_tool_gives_per_page_results_handles_and_a_page_event_each(
+    fake_toolbox: Toolbox, demo_pdf: Path
+) -> None:
+    pytest.importorskip("pypdfium2")
+    handler = _PageEvents()
+    message = ReadTableTool(toolbox=fake_toolbox).invoke(
+        tool_call("read_table", {"image": str(demo_pdf), "pages": "1-3"}), config={"callbacks": [handler]}
+    )
+    assert message.status == "success", message.content
+    table = message.artifact
+    assert isinstance(table, Table) and table.pages is not None and [p.page for p in table.pages] == [1, 2, 3]
+    assert HANDLE.findall(message.content) == [p.handle for p in table.pages]
+    assert handler.events == [(PAGE_EVENT, {"tool": "read_table", "done": done, "total": 3}) for done in (0, 1, 2, 3)]
+
+
+def test_read_text_on_a_pdf_streams_page_events_to_astream_events_on_the_tiny_model(
+    local_tiny_toolbox: Toolbox, demo_pdf: Path
+) -> None:
+    pytest.importorskip("pypdfium2")
+    tool = ReadTextTool(toolbox=local_tiny_toolbox)
+
+    async def run() -> list[dict[str, Any]]:
+        return [event async for event in tool.astream_events({"image": str(demo_pdf)}, version="v2")]
+
+    events = asyncio.run(run())
+    pages = [event["data"] for event in events if event["event"] == "on_custom_event" and event["name"] == PAGE_EVENT]
+    assert pages == [{"tool": "read_text", "done": 2, "total": 3}, {"tool": "read_text", "done": 3, "total": 3}]
+    (end,) = [event for event in events if event["event"] == "on_tool_end"]
+    assert "--- page 1 (text layer) ---\nInvoice INV-2041" in end["data"]["output"]
+
+
+def test_a_hostile_pdf_is_an_error_tool_message_an_agent_can_act_on(fake_toolbox: Toolbox, demo_pdf: Path) -> None:
+    pytest.importorskip("pypdfium2")
+    broken = demo_pdf.with_name("broken.pdf")
+    broken.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    message = ReadTextTool(toolbox=fake_toolbox).invoke(tool_call("read_text", {"image": str(broken)}))
+    assert message.status == "error" and "broken.pdf" in message.content and "Traceback" not in message.content
+    assert ReadTextTool(toolbox=fake_toolbox).invoke({"image": str(demo_pdf), "pages": "2"}).startswith("--- page 2")

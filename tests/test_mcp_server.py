@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from phi3v_tools.runner import Runner
 from phi3v_tools.settings import Settings
-from phi3v_tools.tools import Answer, ImageDescription, Table, Toolbox, tool_specs
+from phi3v_tools.tools import Answer, ImageDescription, Table, TextReading, Toolbox, tool_specs
 from tests.mcp_http import http_client, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
@@ -511,3 +511,67 @@ def test_the_server_process_logs_plainly_to_stderr_and_keeps_library_chatter_out
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split() == ["['StreamHandler']", str(logging.WARNING), str(logging.INFO)]
     assert "shown" in done.stderr and "not shown" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PDF documents
+
+
+async def test_a_pdf_goes_through_mcp_with_per_page_results_handles_and_page_progress(
+    settings: Settings, local_tiny_toolbox: Toolbox, demo_pdf: Path
+) -> None:
+    pytest.importorskip("pypdfium2")
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with Client(create_server(settings, local_tiny_toolbox)) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        assert all("pages" in tool.input_schema["properties"] for tool in tools.values())
+        result = await client.call_tool("read_text", {"image": str(demo_pdf)}, progress_callback=on_progress)
+        assert not result.is_error, text_of(result)
+        reading = TextReading.model_validate(result.structured_content)
+        assert reading.pages is not None and [(p.page, p.source) for p in reading.pages] == [
+            (1, "text"),
+            (2, "text"),
+            (3, "ocr"),
+        ]
+        assert reading.pages[0].text.startswith("Invoice INV-2041")
+        assert "--- page 2 (text layer) ---\nQuarterly sales by region" in text_of(result)
+        # The last page's handle asks about that page alone.
+        again = await client.call_tool("describe_image", {"image": reading.pages[2].handle, "detail": "brief"})
+        assert not again.is_error, text_of(again)
+        assert again.structured_content is not None
+        assert again.structured_content["images"][0]["handle"] == reading.pages[2].handle
+        page = await client.call_tool("read_text", {"image": str(demo_pdf), "pages": "2"})
+        assert [p["page"] for p in (page.structured_content or {})["pages"]] == [2]
+    assert seen[0][:2] == (2, 3) and seen[-1] == (3, 3, "3 of 3 pages read")  # two text pages at once, then the scan
+    assert all(total == 3 for _, total, _ in seen)
+
+
+async def test_a_hostile_pdf_is_an_error_result_while_the_call_beside_it_succeeds_and_the_server_serves_on(
+    settings: Settings, local_tiny_toolbox: Toolbox, sample_images: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("pypdfium2")
+    from phi3v_tools.pdf_samples import demo_document
+
+    folder = sample_images["chart"].parent
+    truncated = folder / "truncated.pdf"
+    truncated.write_bytes(demo_document()[:2000])
+    async with Client(create_server(settings, local_tiny_toolbox)) as client:
+        async with anyio.create_task_group() as group:
+            results: dict[str, CallToolResult] = {}
+
+            async def call(name: str, tool: str, args: dict[str, Any]) -> None:
+                results[name] = await client.call_tool(tool, args)
+
+            group.start_soon(call, "hostile", "read_text", {"image": str(truncated)})
+            group.start_soon(
+                call, "innocent", "describe_image", {"image": str(sample_images["chart"]), "detail": "brief"}
+            )
+        assert results["hostile"].is_error and "truncated.pdf" in text_of(results["hostile"])
+        assert "Traceback" not in text_of(results["hostile"])
+        assert not results["innocent"].is_error, text_of(results["innocent"])
+        after = await client.call_tool("describe_image", {"image": str(sample_images["chart"]), "detail": "brief"})
+        assert not after.is_error, text_of(after)

@@ -151,7 +151,9 @@ def parse_pages(spec: str | None, most: int) -> PageRanges | None:
         if high is not None:
             total += high - low + 1
             if total > most:
-                raise DocumentError(f"pages {spec!r} asks for more than {most} pages, the most one call reads")
+                raise DocumentError(
+                    f"pages {spec!r} asks for more than {most} pages, the most one call reads (PHI3V_PDF_MAX_PAGES)"
+                )
         ranges.append((low, high))
     return ranges
 

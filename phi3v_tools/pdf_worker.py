@@ -110,7 +110,11 @@ def _select(ranges: list[list[int | None]] | None, count: int, default: int, mos
             raise Refused("pages", f"page {max(low or 0, top)} is not in it (it has {count} page{'s' * (count > 1)})")
         total += top - (low or 1) + 1
         if total > most:
-            raise Refused("pages", f"the pages asked for are more than {most}, the most one call reads")
+            raise Refused(
+                "pages",
+                f"it has {count} pages and the pages asked for are more than {most} pages, the most one call reads "
+                f"(PHI3V_PDF_MAX_PAGES): choose fewer, e.g. pages='1-{most}'",
+            )
     chosen: list[int] = []
     for low, high in ranges:
         for number in range(low or 1, (count if high is None else high) + 1):

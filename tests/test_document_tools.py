@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sys
 import threading
 import time
 from pathlib import Path
@@ -266,3 +267,31 @@ def test_every_tool_schema_offers_pages() -> None:
         schema = spec.args.model_json_schema()
         assert "pages" in schema["properties"] and "pages" not in schema.get("required", []), spec.name
         assert "PDF" in schema["properties"]["pages"]["description"], spec.name
+
+
+def test_a_hanging_renderer_fails_its_mcp_call_within_the_limit_and_the_server_answers_the_next_call(
+    tmp_path: Path,
+) -> None:
+    from mcp import Client
+    from phi3v_mcp.server import create_server
+
+    from phi3v_tools.settings import Settings
+
+    hang = (sys.executable, "-c", "import time; time.sleep(600)")
+    tools = toolbox(FakeBackend(), tmp_path, timeout_s=1.5, renderer=hang)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+
+    async def calls() -> tuple[Any, Any, float]:
+        async with Client(create_server(Settings(model="fake", allowed_dirs=(tmp_path,)), tools)) as client:
+            started = time.monotonic()
+            hung = await client.call_tool("read_text", {"image": DEMO_B64})
+            waited = time.monotonic() - started
+            after = await client.call_tool("describe_image", {"image": str(image)})
+            return hung, after, waited
+
+    hung, after, waited = asyncio.run(calls())
+    text = hung.content[0].text
+    assert hung.is_error and "took longer than 1.5 s to render" in text and "Traceback" not in text
+    assert waited < 10 and not tools.renderer.running  # the worker was killed at its deadline
+    assert not after.is_error and after.structured_content["images"][0]["width"] == 32

@@ -20,12 +20,11 @@ import pytest
 from phi3v_tools.documents import DocumentPolicy, Renderer, TextLayer, has_text_layer, parse_pages
 from phi3v_tools.errors import DocumentError, ImageError
 from phi3v_tools.images import ImagePolicy, LoadedImage, PdfData, load_image, load_source
-from phi3v_tools.pdf_samples import HELVETICA, demo_document, document, stream, text_content, write_pdf
+from tests import hostile_pdfs
 
 pytest.importorskip("pypdfium2")
 
-DEMO = demo_document()
-HELLO = text_content([(72, 700, 14, "Hello from a hostile file's neighbour, with enough words to count.")])
+DEMO, HELLO = hostile_pdfs.DEMO, hostile_pdfs.HELLO
 
 
 def beside_innocent(renderer: Renderer, hostile: bytes, **kwargs: object) -> BaseException | None:
@@ -127,35 +126,29 @@ def test_a_file_over_the_byte_limit_is_refused_before_rendering() -> None:
 
 def test_a_truncated_or_corrupt_file_is_a_clear_error_and_the_neighbour_renders() -> None:
     renderer = Renderer()
-    garbage = b"%PDF-1.7\n" + os.urandom(20_000)
-    error = beside_innocent(renderer, garbage)
+    error = beside_innocent(renderer, hostile_pdfs.garbage())
     assert isinstance(error, DocumentError) and "refused" in str(error)
-    half = DEMO[: len(DEMO) // 2]
-    error = beside_innocent(renderer, half)  # PDFium may repair a cut file; if it cannot, the error is clear
+    error = beside_innocent(
+        renderer, hostile_pdfs.truncated()
+    )  # PDFium may repair a cut file; if it cannot, the error is clear
     assert error is None or isinstance(error, DocumentError)
 
 
 def test_encrypted_documents_are_refused_with_or_without_a_user_password() -> None:
-    pypdf = pytest.importorskip("pypdf")
+    pytest.importorskip("pypdf")
     renderer = Renderer()
     for user, expected in (("secret", "needs a password"), ("", "opens without a password")):
-        writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(DEMO)))
-        writer.encrypt(user, owner_password="owner", algorithm="RC4-128")
-        out = io.BytesIO()
-        writer.write(out)
-        error = beside_innocent(renderer, out.getvalue())
+        error = beside_innocent(renderer, hostile_pdfs.encrypted(user))
         assert isinstance(error, DocumentError) and expected in str(error) and "qpdf --decrypt" in str(error)
 
 
 def test_huge_page_boxes_are_drawn_within_the_pixel_limit_and_a_sliver_is_never_drawn_thinner_than_16_pixels() -> None:
     renderer = Renderer()
-    giant = document([HELLO], size=(14_400, 14_400))  # 200 x 200 inches: 60,000 x 60,000 pixels at 300 dpi
-    doc = renderer.render(giant, "giant.pdf")
+    doc = renderer.render(hostile_pdfs.giant_page(), "giant.pdf")
     assert doc.pages[0].image.width * doc.pages[0].image.height <= 16 * 336 * 336
-    user_unit = giant.replace(b"/Type /Page ", b"/Type /Page /UserUnit 75000 ")  # a gigapixel page, if honoured
-    page = renderer.render(user_unit, "user-unit.pdf").pages[0].image
+    page = renderer.render(hostile_pdfs.gigapixel_page(), "user-unit.pdf").pages[0].image
     assert page.width * page.height <= 16 * 336 * 336
-    sliver = document([HELLO], size=(1_000_000, 1))  # PDFium may clamp or replace such a box; else it is refused
+    sliver = hostile_pdfs.sliver_page()  # PDFium may clamp or replace such a box; else it is refused
     error = beside_innocent(renderer, sliver)
     if error is None:
         drawn = renderer.render(sliver, "sliver.pdf").pages[0].image
@@ -166,10 +159,7 @@ def test_huge_page_boxes_are_drawn_within_the_pixel_limit_and_a_sliver_is_never_
 
 def test_a_page_tree_of_100000_pages_opens_quickly_and_reads_only_the_pages_asked_for() -> None:
     n = 100_000
-    page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>"
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b""] + [page] * n
-    objects[1] = b"<< /Type /Pages /Count %d /Kids [" % n + b" ".join(b"%d 0 R" % (k + 3) for k in range(n)) + b"] >>"
-    many = write_pdf(objects)
+    many = hostile_pdfs.many_pages(n)
     started = time.monotonic()
     doc = Renderer().render(many, "many.pdf", "99999-100000")
     assert doc.page_count == n and [p.number for p in doc.pages] == [99_999, 100_000]
@@ -181,42 +171,15 @@ def test_a_page_tree_of_100000_pages_opens_quickly_and_reads_only_the_pages_aske
 
 def test_deeply_nested_objects_and_a_cyclic_page_tree_are_bounded() -> None:
     renderer = Renderer()
-    nested = b"[" * 200_000 + b"]" * 200_000
-    deep = write_pdf(
-        [
-            b"<< /Type /Catalog /Pages 2 0 R >>",
-            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 300] /Deep " + nested + b" >>",
-        ]
-    )
-    error = beside_innocent(renderer, deep)
+    error = beside_innocent(renderer, hostile_pdfs.deeply_nested())
     assert error is None or isinstance(error, DocumentError)
-    cyclic = write_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [2 0 R] /Count 5 >>"])
-    error = beside_innocent(renderer, cyclic)
+    error = beside_innocent(renderer, hostile_pdfs.cyclic_tree())
     assert isinstance(error, DocumentError)
 
 
 def test_javascript_launch_actions_and_embedded_files_are_never_acted_on(tmp_path: Path) -> None:
-    marker = tmp_path / "launched"
-    script = tmp_path / "launch.sh"
-    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
-    script.chmod(0o755)
-    hostile = write_pdf(
-        [
-            b"<< /Type /Catalog /Pages 2 0 R /OpenAction 5 0 R /Names << /JavaScript << /Names [(a) 6 0 R] >> "
-            b"/EmbeddedFiles << /Names [(x.sh) 7 0 R] >> >> /AA << /WC 5 0 R >> >>",
-            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 4 0 R >> >> "
-            b"/Contents 8 0 R /AA << /O 5 0 R >> >>",
-            HELVETICA,
-            b"<< /S /Launch /F (" + str(script).encode() + b") /Win << /F (cmd.exe) >> /Next 6 0 R >>",
-            b"<< /S /JavaScript /JS (app.launchURL\\('http://127.0.0.1:9/'\\); this.exportDataObject\\({cName: 'x.sh', "
-            b"nLaunch: 2}\\);) >>",
-            b"<< /Type /Filespec /F (x.sh) /EF << /F 9 0 R >> >>",
-            stream(HELLO),
-            stream(b"#!/bin/sh\ntouch " + str(marker).encode() + b"\n", b"/Type /EmbeddedFile"),
-        ]
-    )
+    script, marker = hostile_pdfs.launch_script(tmp_path)
+    hostile = hostile_pdfs.with_actions(script, marker)
     assert beside_innocent(Renderer(), hostile) is None
     doc = Renderer().render(hostile, "actions.pdf")
     assert doc.pages[0].text is not None and "hostile file's neighbour" in doc.pages[0].text

@@ -28,7 +28,7 @@ from PIL import Image
 
 from phi3v_tools import images as images_module
 from phi3v_tools.images import HANDLE_PREFIX, ImagePolicy
-from tests import bombs
+from tests import bombs, hostile_pdfs
 from tests.hostile import (
     HTML,
     PNG,
@@ -282,7 +282,7 @@ class Case:
     slow: bool = False  # waits for a URL deadline
     engine: bool = False  # reaches the model's worker: it must share a batch with the innocent call beside it
     after: Callable[[HostileEnv], None] | None = None  # checked after the call, whatever its outcome
-    group: str = ""  # files, bytes, urls, arguments, schemas, chat (set by corpus())
+    group: str = ""  # files, bytes, urls, arguments, schemas, chat, documents (set by corpus())
 
 
 def _describe(image: Callable[[HostileEnv], Any]) -> Args:
@@ -390,7 +390,7 @@ def _byte_cases() -> list[Case]:
         Case("corrupt-png-data", "describe_image", _image(data_uri(_corrupt_png())), NOT_IMAGE),
         Case("png-magic-only", "describe_image", _image(data_uri(PNG[:8])), NOT_IMAGE),
         Case("svg", "describe_image", _image(data_uri(SVG, "image/svg+xml")), r"SVG"),
-        Case("pdf", "describe_image", _image(data_uri(PDF, "application/pdf")), r"PDF"),
+        Case("pdf-without-pages", "describe_image", _image(data_uri(PDF, "application/pdf")), r"PDFium cannot open"),
         Case("html", "describe_image", _image(data_uri(HTML, "text/html")), r"HTML"),
         Case("png-header-bomb", "describe_image", _image(data_uri(png_header_claiming(100_000, 100_000))), r"pixels"),
         Case("gif-header-bomb", "describe_image", _image(data_uri(_gif_header_claiming(65535, 65535))), r"pixels"),
@@ -690,6 +690,66 @@ def _argument_cases() -> list[Case]:
     ]
 
 
+PDF_REFUSED = r"is refused|could not be rendered"
+
+
+def _pdf(build: Callable[[], bytes], **extra: Any) -> Args:
+    return lambda env: {"image": data_uri(build(), "application/pdf"), **extra}
+
+
+def _pages(*numbers: int) -> Check:
+    def check(result: dict[str, Any], env: HostileEnv) -> None:
+        assert [info["page"] for info in result["images"]] == list(numbers), result["images"]
+        assert all(info["width"] * info["height"] <= hostile_pdfs.PAGE_PIXELS for info in result["images"])
+
+    return check
+
+
+def _drawn_within_limits(result: dict[str, Any], env: HostileEnv) -> None:
+    (info,) = result["images"]
+    assert info["width"] * info["height"] <= hostile_pdfs.PAGE_PIXELS and min(info["width"], info["height"]) >= 16
+
+
+def _with_actions(env: HostileEnv) -> dict[str, Any]:
+    script, marker = hostile_pdfs.launch_script(env.root)
+    return {"image": data_uri(hostile_pdfs.with_actions(script, marker), "application/pdf")}
+
+
+def _nothing_launched(env: HostileEnv) -> None:
+    assert not (env.root / "launched").exists(), "a PDF's action or attachment ran"
+
+
+def _document_cases() -> list[Case]:
+    """Hostile PDF documents: each is rendered in a worker process; the call beside it must not notice."""
+    h = hostile_pdfs
+    return [
+        Case("pdf-garbage", "read_text", _pdf(h.garbage), PDF_REFUSED),
+        Case("pdf-truncated", "read_text", _pdf(h.truncated), PDF_REFUSED, _pages(1, 2, 3)),  # PDFium may repair it
+        Case("pdf-huge-page-box", "describe_image", _pdf(h.giant_page, detail="brief"), None, _drawn_within_limits),
+        Case(
+            "pdf-gigapixel-page", "describe_image", _pdf(h.gigapixel_page, detail="brief"), None, _drawn_within_limits
+        ),
+        Case(
+            "pdf-sliver-page", "describe_image", _pdf(h.sliver_page, detail="brief"), r"too thin", _drawn_within_limits
+        ),
+        Case(
+            "pdf-100000-pages",
+            "describe_image",
+            _pdf(h.many_pages, pages="100000", detail="brief"),
+            None,
+            _pages(100_000),
+        ),
+        Case("pdf-100000-pages-all", "read_text", _pdf(h.many_pages, pages="all"), r"more than 10 pages"),
+        Case("pdf-deeply-nested", "read_text", _pdf(h.deeply_nested), PDF_REFUSED, _pages(1)),
+        Case("pdf-cyclic-page-tree", "read_text", _pdf(h.cyclic_tree), PDF_REFUSED),
+        Case("pdf-actions-javascript-attachment", "read_text", _with_actions, None, _pages(1), after=_nothing_launched),
+        Case("pdf-encrypted-with-password", "read_text", _pdf(lambda: h.encrypted("secret")), r"needs a password"),
+        Case("pdf-encrypted-without-password", "read_text", _pdf(lambda: h.encrypted("")), r"without a password"),
+        Case("pdf-bad-page-list", "read_text", _pdf(lambda: h.DEMO, pages="1-3;7"), r"not a page list"),
+        Case("pdf-page-past-the-end", "read_text", _pdf(lambda: h.DEMO, pages="4"), r"has 3"),
+    ]
+
+
 def corpus() -> list[Case]:
     from tests.reliability.corpus_engine import chat_cases, schema_cases
 
@@ -698,6 +758,7 @@ def corpus() -> list[Case]:
         "bytes": _byte_cases(),
         "urls": _url_cases(),
         "arguments": _argument_cases(),
+        "documents": _document_cases(),
         "schemas": schema_cases(),
         "chat": chat_cases(),
     }

@@ -202,7 +202,8 @@ def test_the_corpus_covers_every_surface_and_kind_of_input() -> None:
     assert min(per_surface.values()) >= 130, per_surface
     assert sum(case.error is None for case in CASES) >= 10  # unusual but valid pictures must keep working
     per_group = {group: sum(case.group == group for case in CASES) for group in {case.group for case in CASES}}
-    assert set(per_group) == {"files", "bytes", "urls", "arguments", "schemas", "chat"}, per_group
+    assert set(per_group) == {"files", "bytes", "urls", "arguments", "schemas", "chat", "documents"}, per_group
+    assert per_group["documents"] >= 14  # PDF bombs, broken, active, encrypted and oversized documents
     assert sum(case.engine for case in CASES) >= 8  # hostile calls that share a batch with an innocent one
 
 

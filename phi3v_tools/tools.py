@@ -918,8 +918,9 @@ def _page_reading(page: Page, generated: GenerationResult | None, names: list[st
     parsed = generated.parsed if generated is not None and isinstance(generated.parsed, dict) else {}
     fields = None
     if names:  # exactly the names asked for (a truncated answer may lack some): a value or null
-        given = parsed.get("fields") if isinstance(parsed.get("fields"), dict) else {}
-        fields = {name: given[name] if isinstance(given.get(name), str) else None for name in names}
+        given = parsed.get("fields")
+        found: dict[str, Any] = given if isinstance(given, dict) else {}
+        fields = {name: value if isinstance(value := found.get(name), str) else None for name in names}
     text = page.text
     if text is not None:
         source: TextSource = "text"

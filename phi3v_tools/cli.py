@@ -727,7 +727,7 @@ def _demo_document(model: Any, processor: Any, settings: Settings, max_new_token
 
     click.echo("\n## document: read_text on a 3-page PDF (an invoice, a table, a scanned page)")
     if find_spec("pypdfium2") is None:
-        click.echo("(skipped: reading PDFs needs the pdf extra: pip install 'phi3v-tools[pdf]')")
+        click.echo(f"(skipped: reading PDFs needs the pdf extra: {install_command('pdf')})")
         return
     engine = Engine(model, processor, replace(settings, max_new_tokens=max_new_tokens))
     try:

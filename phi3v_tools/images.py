@@ -257,7 +257,7 @@ def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None, pdf: i
             raise ImageError(f"{_short(text)} is not a valid file:// URL ({exc})") from exc
         if parts.netloc not in ("", "localhost"):
             raise ImageError(f"file:// URLs must name a local file (file:///path), not host {parts.netloc!r}")
-        return _from_path(unquote(parts.path), policy, pdf=pdf)
+        return _from_path(unquote(parts.path), policy, pdf=pdf, named=parts.path)
     if scheme:
         raise ImageError(f"URL scheme {scheme!r} is not supported; use http(s)://, file://, data: or a path")
     # Long strings of base64 characters are data ('.' is never base64), unless they name a file inside an
@@ -272,7 +272,8 @@ def _from_string(ref: str, policy: ImagePolicy, store: ImageStore | None, pdf: i
 
 def _from_data_uri(ref: str, policy: ImagePolicy, pdf: int = 0) -> LoadedImage | PdfData:
     match = _DATA_URI.match(ref)
-    if match is not None and (match.group(1) or "").lower() == "application/pdf" and not pdf:
+    declared_pdf = match is not None and (match.group(1) or "").lower() == "application/pdf"
+    if declared_pdf and not pdf:
         match = None
     if match is None or not (match.group(2) or "").lower().endswith(";base64"):
         media = ref[5:].split(",", 1)[0].split(";", 1)[0].strip()[:60]
@@ -282,12 +283,15 @@ def _from_data_uri(ref: str, policy: ImagePolicy, pdf: int = 0) -> LoadedImage |
                 "WebP, BMP, TIFF)"
             )
         raise ImageError("a data: URI must look like data:image/png;base64,<data>")
-    return _from_base64(match.group(3), "a data: URI", policy, pdf)
+    return _from_base64(match.group(3), "a data: URI", policy, pdf, declared_pdf=declared_pdf)
 
 
-def _from_base64(text: str, source: str, policy: ImagePolicy, pdf: int = 0) -> LoadedImage | PdfData:
-    if len(text) > max(policy.max_bytes, pdf) * 4 // 3 + 4096:
-        limit = f"{_mib(policy.max_bytes)} image limit" + (f" and the {_mib(pdf)} PDF limit" if pdf else "")
+def _from_base64(
+    text: str, source: str, policy: ImagePolicy, pdf: int = 0, *, declared_pdf: bool = False
+) -> LoadedImage | PdfData:
+    wide = _pdf_limit(pdf, declared_pdf or text.lstrip()[:6] == _PDF_BASE64)
+    if len(text) > max(policy.max_bytes, wide) * 4 // 3 + 4096:
+        limit = f"{_mib(policy.max_bytes)} image limit" + (f" and the {_mib(pdf)} PDF limit" if wide else "")
         raise ImageError(f"{source} is larger than the {limit}")
     compact = re.sub(r"\s+", "", text)
     try:
@@ -298,8 +302,11 @@ def _from_base64(text: str, source: str, policy: ImagePolicy, pdf: int = 0) -> L
     return _decode(data, source, policy, pdf)
 
 
-def _from_path(path: str, policy: ImagePolicy, *, missing_ok: bool = False, pdf: int = 0) -> LoadedImage | PdfData:
-    data, shown = read_path(path, _reading(policy, pdf), missing_ok=missing_ok)
+def _from_path(
+    path: str, policy: ImagePolicy, *, missing_ok: bool = False, pdf: int = 0, named: str | None = None
+) -> LoadedImage | PdfData:
+    wide = _pdf_limit(pdf, _named_pdf(named if named is not None else path))
+    data, shown = read_path(path, _reading(policy, wide), missing_ok=missing_ok)
     return _decode(data, f"file {shown}", policy, pdf)
 
 
@@ -309,7 +316,27 @@ def fetch_url(url: str, policy: ImagePolicy) -> LoadedImage:
 
 
 def _fetch(url: str, policy: ImagePolicy, pdf: int) -> LoadedImage | PdfData:
-    return _decode(fetch_bytes(url, _reading(policy, pdf)), f"URL {_short(url)}", policy, pdf)
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        path = ""
+    wide = _pdf_limit(pdf, _named_pdf(path))
+    return _decode(fetch_bytes(url, _reading(policy, wide)), f"URL {_short(url)}", policy, pdf)
+
+
+_PDF_BASE64 = "JVBERi"  # "%PDF" in base64
+
+
+def _named_pdf(name: str) -> bool:
+    return name.lower().endswith(".pdf")
+
+
+def _pdf_limit(pdf: int, looks_like_pdf: bool) -> int:
+    """The PDF byte limit to read a reference under: only for one that says it is a PDF (a name ending in .pdf,
+    ``data:application/pdf``, base64 that starts with ``%PDF``). Any other reference is read under the image limit
+    exactly as before (a PDF within that limit is still recognised by its bytes), so that a large PDF limit never
+    widens what an image may cost, nor changes how an oversized image is refused."""
+    return pdf if looks_like_pdf else 0
 
 
 def _reading(policy: ImagePolicy, pdf: int) -> ImagePolicy:

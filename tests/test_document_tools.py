@@ -295,3 +295,21 @@ def test_a_hanging_renderer_fails_its_mcp_call_within_the_limit_and_the_server_a
     assert hung.is_error and "took longer than 1.5 s to render" in text and "Traceback" not in text
     assert waited < 10 and not tools.renderer.running  # the worker was killed at its deadline
     assert not after.is_error and after.structured_content["images"][0]["width"] == 32
+
+
+def test_only_a_reference_that_says_pdf_is_read_under_the_larger_pdf_limit(tmp_path: Path) -> None:
+    """An image is read under the image byte limit whatever the PDF limit; a big PDF needs a .pdf name, a
+    data:application/pdf URI or base64 that starts with %PDF (a PDF within the image limit is found by its bytes)."""
+    big = DEMO + b"%" + b" " * 300_000  # a comment after the end: still the demo document, 300 kB larger
+    tools = Toolbox(FakeBackend(), ImagePolicy(allowed_dirs=(tmp_path,), max_bytes=200_000))
+    (tmp_path / "big.pdf").write_bytes(big)
+    (tmp_path / "big.bin").write_bytes(big)
+    (tmp_path / "small.bin").write_bytes(DEMO)
+    for ref in (str(tmp_path / "big.pdf"), "data:application/pdf;base64," + base64.b64encode(big).decode()):
+        reading = tools.read_text(ref, pages="1")
+        assert reading.pages is not None and reading.pages[0].source == "text"
+    assert tools.read_text(str(tmp_path / "small.bin"), pages="2").pages is not None
+    with pytest.raises(Phi3VToolsError, match="the limit is 200000"):
+        tools.read_text(str(tmp_path / "big.bin"))
+    with pytest.raises(Phi3VToolsError, match="larger than the 0.190735 MiB image limit"):
+        tools.describe_image("data:image/png;base64," + "A" * 400_000)

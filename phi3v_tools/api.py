@@ -23,6 +23,7 @@ from phi3v_tools.tools import (
     Detail,
     ImageComparison,
     ImageDescription,
+    PageProgress,
     ProgressCallback,
     Table,
     TextReading,
@@ -109,67 +110,108 @@ def default_toolbox() -> Toolbox:
         return _DEFAULT
 
 
-def describe_image(image: ImageRef, question: str | None = None, detail: Detail = "normal") -> ImageDescription:
-    """What an image shows: description, main objects, kind of image, visible text."""
-    return default_toolbox().describe_image(image, question, detail)
+def describe_image(
+    image: ImageRef, question: str | None = None, detail: Detail = "normal", pages: str | None = None
+) -> ImageDescription:
+    """What an image (or one page of a PDF, ``pages``) shows: description, main objects, kind, visible text."""
+    return default_toolbox().describe_image(image, question, detail, pages)
 
 
-def read_text(image: ImageRef, fields: Sequence[str] | None = None) -> TextReading:
-    """The text in an image in reading order; with ``fields`` (e.g. ["title", "author"]) those values too."""
-    return default_toolbox().read_text(image, fields)
+def read_text(
+    image: ImageRef,
+    fields: Sequence[str] | None = None,
+    pages: str | None = None,
+    *,
+    on_page: PageProgress | None = None,
+) -> TextReading:
+    """The text in an image in reading order; with ``fields`` (e.g. ["title", "author"]) those values too. For a
+    PDF, each page of ``pages`` (e.g. "1-3,7"; ``on_page(done, total)`` reports them as they are read)."""
+    return default_toolbox().read_text(image, fields, pages, on_page=on_page)
 
 
-def read_table(image: ImageRef, columns: Sequence[str] | None = None) -> Table:
-    """A table or chart as data (columns, rows, title, units, summary); with ``columns``, exactly those."""
-    return default_toolbox().read_table(image, columns)
+def read_table(
+    image: ImageRef,
+    columns: Sequence[str] | None = None,
+    pages: str | None = None,
+    *,
+    on_page: PageProgress | None = None,
+) -> Table:
+    """A table or chart as data (columns, rows, title, units, summary); with ``columns``, exactly those. For a PDF,
+    the table of each page of ``pages``."""
+    return default_toolbox().read_table(image, columns, pages, on_page=on_page)
 
 
-def compare_images(images: Sequence[ImageRef], question: str | None = None) -> ImageComparison:
-    """Summary, similarities and differences of 2 to ``PHI3V_MAX_COMPARE`` (default 4) images."""
-    return default_toolbox().compare_images(images, question)
+def compare_images(
+    images: Sequence[ImageRef], question: str | None = None, pages: str | None = None
+) -> ImageComparison:
+    """Summary, similarities and differences of 2 to ``PHI3V_MAX_COMPARE`` (default 4) images or PDF pages."""
+    return default_toolbox().compare_images(images, question, pages)
 
 
 def ask_images(
-    images: ImageRef | Sequence[ImageRef], question: str, output_schema: dict[str, Any] | type[BaseModel] | None = None
+    images: ImageRef | Sequence[ImageRef],
+    question: str,
+    output_schema: dict[str, Any] | type[BaseModel] | None = None,
+    pages: str | None = None,
 ) -> Answer:
-    """Any question about images; with ``output_schema`` the answer conforms to it."""
-    return default_toolbox().ask_images(images, question, output_schema)
+    """Any question about images (or PDF pages); with ``output_schema`` the answer conforms to it."""
+    return default_toolbox().ask_images(images, question, output_schema, pages)
 
 
 async def adescribe_image(
-    image: ImageRef, question: str | None = None, detail: Detail = "normal", *, on_text: ProgressCallback | None = None
+    image: ImageRef,
+    question: str | None = None,
+    detail: Detail = "normal",
+    pages: str | None = None,
+    *,
+    on_text: ProgressCallback | None = None,
 ) -> ImageDescription:
     """:func:`describe_image`, awaited; ``on_text`` sees the answer's text as it is written."""
-    return await default_toolbox().adescribe_image(image, question, detail, on_text=on_text)
+    return await default_toolbox().adescribe_image(image, question, detail, pages, on_text=on_text)
 
 
 async def aread_text(
-    image: ImageRef, fields: Sequence[str] | None = None, *, on_text: ProgressCallback | None = None
+    image: ImageRef,
+    fields: Sequence[str] | None = None,
+    pages: str | None = None,
+    *,
+    on_text: ProgressCallback | None = None,
+    on_page: PageProgress | None = None,
 ) -> TextReading:
     """:func:`read_text`, awaited."""
-    return await default_toolbox().aread_text(image, fields, on_text=on_text)
+    return await default_toolbox().aread_text(image, fields, pages, on_text=on_text, on_page=on_page)
 
 
 async def aread_table(
-    image: ImageRef, columns: Sequence[str] | None = None, *, on_text: ProgressCallback | None = None
+    image: ImageRef,
+    columns: Sequence[str] | None = None,
+    pages: str | None = None,
+    *,
+    on_text: ProgressCallback | None = None,
+    on_page: PageProgress | None = None,
 ) -> Table:
     """:func:`read_table`, awaited."""
-    return await default_toolbox().aread_table(image, columns, on_text=on_text)
+    return await default_toolbox().aread_table(image, columns, pages, on_text=on_text, on_page=on_page)
 
 
 async def acompare_images(
-    images: Sequence[ImageRef], question: str | None = None, *, on_text: ProgressCallback | None = None
+    images: Sequence[ImageRef],
+    question: str | None = None,
+    pages: str | None = None,
+    *,
+    on_text: ProgressCallback | None = None,
 ) -> ImageComparison:
     """:func:`compare_images`, awaited."""
-    return await default_toolbox().acompare_images(images, question, on_text=on_text)
+    return await default_toolbox().acompare_images(images, question, pages, on_text=on_text)
 
 
 async def aask_images(
     images: ImageRef | Sequence[ImageRef],
     question: str,
     output_schema: dict[str, Any] | type[BaseModel] | None = None,
+    pages: str | None = None,
     *,
     on_text: ProgressCallback | None = None,
 ) -> Answer:
     """:func:`ask_images`, awaited."""
-    return await default_toolbox().aask_images(images, question, output_schema, on_text=on_text)
+    return await default_toolbox().aask_images(images, question, output_schema, pages, on_text=on_text)

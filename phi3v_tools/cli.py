@@ -720,16 +720,16 @@ def _demo_document(model: Any, processor: Any, settings: Settings, max_new_token
     scan with an invisible OCR layer), through the toolbox, on an engine over the model already loaded."""
     from importlib.util import find_spec
 
-    from phi3v_tools.engine.core import Engine
     from phi3v_tools.images import ImagePolicy
     from phi3v_tools.pdf_samples import demo_document
+    from phi3v_tools.runner import Runner
     from phi3v_tools.tools import Toolbox
 
     click.echo("\n## document: read_text on a 3-page PDF (an invoice, a table, a scanned page)")
     if find_spec("pypdfium2") is None:
         click.echo(f"(skipped: reading PDFs needs the pdf extra: {install_command('pdf')})")
         return
-    engine = Engine(model, processor, replace(settings, max_new_tokens=max_new_tokens))
+    engine = Runner(model, processor, replace(settings, max_new_tokens=max_new_tokens))
     try:
         toolbox = Toolbox(engine, ImagePolicy(allowed_dirs=()), documents=settings.document_policy())
         reading = toolbox.read_text(demo_document())

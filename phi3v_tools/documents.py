@@ -232,6 +232,9 @@ class Renderer:
                     f"{source} took longer than {policy.timeout_s:g} s to render (the limit per document, "
                     "PHI3V_PDF_TIMEOUT_S); the renderer was stopped. Ask for fewer pages, or check the file"
                 ) from None
+            except BaseException:  # Ctrl-C or a cancelled call while it renders: no worker outlives its call
+                _kill(worker)
+                raise
             finally:
                 self.running.discard(worker.pid)
             out.seek(0)

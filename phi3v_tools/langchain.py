@@ -234,11 +234,16 @@ class _Phi3VisionTool(BaseTool):
             child, run_id = run_manager.get_child(), run_manager.run_id
             loop = asyncio.get_running_loop()
 
+            async def deliver(data: dict[str, Any], previous: asyncio.Task[Any] | None) -> None:
+                if previous is not None:  # in order: each event after the one before it
+                    await asyncio.gather(previous, return_exceptions=True)
+                await child.on_custom_event(PAGE_EVENT, data, run_id=run_id)
+
             def on_page(done: int, total: int) -> None:  # on the loop, or from a worker thread
                 data = {"tool": self.name, "done": done, "total": total}
 
                 def send() -> None:
-                    events.append(loop.create_task(child.on_custom_event(PAGE_EVENT, data, run_id=run_id)))
+                    events.append(loop.create_task(deliver(data, events[-1] if events else None)))
 
                 loop.call_soon_threadsafe(send)
 

@@ -107,13 +107,13 @@ def _select(ranges: list[list[int | None]] | None, count: int, default: int, mos
     for low, high in ranges:
         top = count if high is None else high
         if low is not None and low > count or top > count:
-            raise Refused("pages", f"page {max(low or 0, top)} is not in it (it has {count} page{'s' * (count > 1)})")
+            raise Refused("pages", f"page {max(low or 0, top)} is not in it (it has {count} page{'s' * (count != 1)})")
         total += top - (low or 1) + 1
         if total > most:
             raise Refused(
                 "pages",
-                f"it has {count} pages and the pages asked for are more than {most} pages, the most one call reads "
-                f"(PHI3V_PDF_MAX_PAGES): choose fewer, e.g. pages='1-{most}'",
+                f"it has {count} page{'s' * (count != 1)} and the pages asked for are more than {most} pages, "
+                f"the most one call reads (PHI3V_PDF_MAX_PAGES): choose fewer, e.g. pages='1-{most}'",
             )
     chosen: list[int] = []
     for low, high in ranges:

@@ -74,7 +74,9 @@ class ImageInfo(BaseModel):
 
 
 class CallInfo(BaseModel):
-    model: str = Field(description="The model that answered.")
+    model: str = Field(
+        description="The model that answered ('text layer' for a PDF whose pages all came from their text layers)."
+    )
     prompt_tokens: int = Field(description="Tokens in the prompt, images included.")
     completion_tokens: int = Field(description="Tokens the model generated.")
     cached_images: int = Field(description="Images whose features were reused from an earlier call.")
@@ -276,7 +278,7 @@ class Table(_WithMeta, _TableAnswer):
         rows it holds, then each other page's table."""
         lines = _table_lines(self)
         if self.pages is not None and len(self.pages) > 1:
-            joined = [p.page for p in self.pages if p.columns and p.columns == self.columns]
+            joined = [p.page for p in _run_on(self.pages, self.columns)]
             lines.append(f"\n(rows from page{'' if len(joined) == 1 else 's'} {', '.join(map(str, joined)) or '-'})")
             for other in self.pages:
                 if other.page not in joined:
@@ -363,6 +365,10 @@ class DocumentPrepared:
 
 
 MULTI_IMAGE_NUM_CROPS = 4  # crops per image in a call with several (unless PHI3V_NUM_CROPS says otherwise)
+# A PDF's pages in the engine at once, per call: all of the default 10, while a call of hundreds of pages neither
+# fills the engine's queue (64 by default) nor starts a thread per page.
+PAGES_AT_ONCE = 16
+TEXT_LAYER_MODEL = "text layer"  # CallInfo.model of a PDF read wholly from its text layers: no model answered
 
 
 class Toolbox:
@@ -434,12 +440,14 @@ class Toolbox:
         images: list[LoadedImage] = []
         numbers: list[int | None] = []
         render_s: float | None = None
-        for item in self._sources(refs, pages):
+        sources = self._sources(refs, pages)
+        for k, item in enumerate(sources):
             if isinstance(item, LoadedImage):
                 images.append(item)
                 numbers.append(None)
                 continue
-            document = self._render(item, pages, default=max(most - len(refs) + 1, 1))
+            # By default a PDF gives the pages that fit: the slots left once the references after it have one each.
+            document = self._render(item, pages, default=max(most - len(images) - (len(sources) - k - 1), 1))
             render_s = (render_s or 0.0) + document.render_s
             images += [page.image for page in document.pages]
             numbers += [page.number for page in document.pages]
@@ -636,7 +644,7 @@ class Toolbox:
         results = [g for g in generated if g is not None]
         wall = time.perf_counter() - started if started is not None else 0.0
         call = CallInfo(
-            model=self.backend.model_name,
+            model=self.backend.model_name if any(p is not None for p in prepared.requests) else TEXT_LAYER_MODEL,
             prompt_tokens=sum(g.prompt_tokens for g in results),
             completion_tokens=sum(g.completion_tokens for g in results),
             cached_images=sum(g.cached_images for g in results),
@@ -657,7 +665,7 @@ class Toolbox:
             ]
             first = next((t for t in tables if t.columns), tables[0] if tables else None)
             top = first.model_dump(exclude={"page", "handle"}) if first else _empty_table()
-            top["rows"] = [row for t in tables if first and t.columns == first.columns for row in t.rows]
+            top["rows"] = [row for t in _run_on(tables, first.columns if first else None) for row in t.rows]
             return Table.model_validate({**top, **meta, "pages": tables})
         readings = [_page_reading(p, g, prepared.names) for p, g in zip(document.pages, generated, strict=True)]
         merged: dict[str, str | None] | None = None
@@ -811,14 +819,17 @@ class Toolbox:
         return self.result(prepared, generated, started=started, load_s=load_s)
 
     def _run_document(self, prepared: DocumentPrepared, on_page: PageProgress | None, started: float) -> Any:
-        """The pages' requests at once (each on a thread of its own, so that the engine batches them); the first
-        failure fails the call, and the pages not yet sent are not sent."""
+        """The pages' requests at once, up to ``PAGES_AT_ONCE`` (each on a thread of its own, so that the engine
+        batches them); the first failure fails the call once the pages already sent have ended (a blocking
+        ``generate_sync`` cannot be called off), and the pages not yet sent are not sent."""
         progress = _Pages(prepared, on_page)
-        backend, load_s = self._timed_backend(any(p is not None for p in prepared.requests))
         generated: list[GenerationResult | None] = [None] * len(prepared.requests)
         todo = [(i, p) for i, p in enumerate(prepared.requests) if p is not None]
-        if todo:
-            with concurrent.futures.ThreadPoolExecutor(len(todo), thread_name_prefix="phi3v-page") as pool:
+        load_s = 0.0
+        if todo:  # a document read wholly from its text layers needs no model (nor loads one)
+            backend, load_s = self._timed_backend(True)
+            workers = min(len(todo), PAGES_AT_ONCE)
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="phi3v-page") as pool:
                 futures = {pool.submit(backend.generate_sync, p.request): i for i, p in todo}
                 try:
                     for future in concurrent.futures.as_completed(futures):
@@ -852,12 +863,15 @@ class Toolbox:
     ) -> Any:
         """The pages' requests sent to the engine at once; the first failure (or a cancellation) stops the rest."""
         progress = _Pages(prepared, on_page)
-        needed = any(p is not None for p in prepared.requests)
-        backend, load_s = await asyncio.to_thread(self._timed_backend, needed)
+        load_s = 0.0
+        if any(p is not None for p in prepared.requests):  # text layers alone need no model (nor load one)
+            backend, load_s = await asyncio.to_thread(self._timed_backend, True)
+        slots = asyncio.Semaphore(PAGES_AT_ONCE)
 
         async def page(request: GenerationRequest) -> GenerationResult:
             request.on_text = on_text
-            result = await backend.generate(request)
+            async with slots:
+                result = await backend.generate(request)
             progress.done_one()
             return result
 
@@ -867,7 +881,9 @@ class Toolbox:
                 await asyncio.gather(*tasks.values())
         finally:
             for task in tasks.values():
-                task.cancel()  # after a failure: the other pages stop at their next step
+                task.cancel()  # after a failure or a cancellation: the other pages stop at their next step
+            if tasks:  # and have let go of the engine before the call ends
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
         generated = [tasks[i].result() if i in tasks else None for i in range(len(prepared.requests))]
         return await asyncio.to_thread(self.document_result, prepared, generated, started=started, load_s=load_s)
 
@@ -932,12 +948,23 @@ def _page_reading(page: Page, generated: GenerationResult | None, names: list[st
     return PageText(page=page.number, handle=page.image.handle, source=source, text=text, lines=lines, fields=fields)
 
 
+def _run_on(tables: Sequence[PageTable], columns: list[str] | None) -> list[PageTable]:
+    """The first table with ``columns`` and the tables right after it with the same columns: one table that runs
+    over several pages (a page without it ends the run)."""
+    start = next((k for k, t in enumerate(tables) if columns and t.columns == columns), None)
+    run: list[PageTable] = []
+    for table in tables[start:] if start is not None else ():
+        if table.columns != columns:
+            break
+        run.append(table)
+    return run
+
+
 def _table_fields(generated: GenerationResult | None, names: list[str] | None) -> dict[str, Any]:
-    """One page's table from the model's answer: the columns asked for (if any), one cell per column."""
-    fields = {
-        **_empty_table(),
-        **(generated.parsed if generated is not None and isinstance(generated.parsed, dict) else {}),
-    }
+    """One page's table from the model's answer (only the keys a table has): the columns asked for (if any), one
+    cell per column."""
+    parsed = generated.parsed if generated is not None and isinstance(generated.parsed, dict) else {}
+    fields = {**_empty_table(), **{k: v for k, v in parsed.items() if k in _TableAnswer.model_fields}}
     if names:
         fields["columns"] = names
     width = len(fields.get("columns") or ())

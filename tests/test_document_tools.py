@@ -24,6 +24,7 @@ from phi3v_tools.images import ImagePolicy
 from phi3v_tools.pdf_samples import demo_document
 from phi3v_tools.runner import GenerationRequest, GenerationResult
 from phi3v_tools.tools import Table, TextReading, Toolbox, tool_specs
+from tests import hostile_pdfs
 from tests.fakes import FakeBackend
 
 pytest.importorskip("pypdfium2")
@@ -96,6 +97,16 @@ def test_pages_chooses_pages_and_a_page_alone_is_that_page_only(digests: dict[in
     assert reading.pages is not None and [p.page for p in reading.pages] == [3, 1]
 
 
+def test_a_document_read_wholly_from_its_text_layers_loads_no_model(tmp_path: Path) -> None:
+    def factory() -> Any:
+        raise AssertionError("the model was loaded")
+
+    tools = Toolbox(factory, ImagePolicy(allowed_dirs=(tmp_path,)))
+    reading = tools.read_text(DEMO_B64, pages="1-2")
+    assert reading.call.model == "text layer" and reading.call.completion_tokens == 0
+    assert reading.pages is not None and [p.source for p in reading.pages] == ["text", "text"]
+
+
 def test_with_text_layers_off_every_page_is_read_by_the_model(digests: dict[int, str], tmp_path: Path) -> None:
     backend = PageBackend(digests)
     reading = toolbox(backend, tmp_path, text_layer=False).read_text(DEMO_B64)
@@ -133,7 +144,7 @@ def test_read_table_gives_each_pages_table_and_joins_rows_of_a_table_that_runs_o
         {
             1: {**table, "rows": [["North", 120], ["South", 95]]},
             2: {**table, "title": None, "rows": [["East", 143], ["West"]]},  # a short row gets a null
-            3: {**table, "columns": ["Item", "Price"], "rows": [["bracket", 111]]},
+            3: {**table, "columns": ["Item", "Price"], "rows": [["bracket", 111]], "stray": "ignored"},
         },
     )
     result = toolbox(backend, tmp_path).read_table(DEMO_B64)
@@ -157,6 +168,9 @@ def test_describe_compare_and_ask_take_pages_as_images(digests: dict[int, str], 
     described = tools.describe_image(DEMO_B64)
     assert [(i.page, i.handle) for i in described.images] == [(1, f"image://sha256/{digests[1]}")]
     assert [i.page for i in tools.describe_image(DEMO_B64, pages="3").images] == [3]
+    # Several PDFs share the images a call takes: by default each gives the pages that fit.
+    two = tools.compare_images([DEMO_B64, DEMO_B64])
+    assert [i.page for i in two.images] == [1, 2, 3, 1]
     asked = tools.ask_images([DEMO_B64], "Which page has a table?")
     assert [i.page for i in asked.images] == [1, 2, 3] and len(backend.requests[-1].images) == 3
     compared = tools.compare_images([DEMO_B64], pages="1,3")
@@ -241,14 +255,34 @@ def test_the_pages_go_to_the_engine_at_once_from_the_sync_and_the_async_api(tmp_
 def test_a_failing_page_fails_its_call_at_once_and_the_other_pages_are_cancelled(tmp_path: Path) -> None:
     backend = GatedBackend(3, fail=2)
     tools = toolbox(backend, tmp_path, text_layer=False)
-    started = time.monotonic()
-    with pytest.raises(GenerationError, match="page failed on purpose"):
-        asyncio.run(tools.aread_text(DEMO_B64))
-    assert time.monotonic() - started < 20 and backend.cancelled == 2
+
+    async def call() -> tuple[float, int, int]:
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="page failed on purpose"):
+            await tools.aread_text(DEMO_B64)
+        # Checked before asyncio.run's own clean-up could cancel anything: the call did it, and waited for it.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return time.monotonic() - started, backend.cancelled, len(others)
+
+    waited, cancelled, left = asyncio.run(call())
+    assert waited < 20 and cancelled == 2 and left == 0
+
+
+def test_a_failing_page_in_the_sync_api_fails_the_call_and_sends_no_more_pages(
+    digests: dict[int, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import phi3v_tools.tools as tools_module
+
+    monkeypatch.setattr(tools_module, "PAGES_AT_ONCE", 1)  # one page at a time: the failure comes first
+    backend = PageBackend(digests)
+    backend.error = GenerationError("the engine failed")
+    with pytest.raises(GenerationError, match="the engine failed"):
+        toolbox(backend, tmp_path, text_layer=False).read_text(DEMO_B64)
+    assert len(backend.pages_asked) == 1
 
 
 def test_a_hostile_document_fails_its_call_and_the_call_beside_it_succeeds(tmp_path: Path) -> None:
-    hostile = DEMO[: len(DEMO) // 3]  # truncated
+    hostile = hostile_pdfs.garbage()
     tools = toolbox(FakeBackend(), tmp_path)
 
     async def both() -> tuple[BaseException | TextReading, ...]:
@@ -313,3 +347,18 @@ def test_only_a_reference_that_says_pdf_is_read_under_the_larger_pdf_limit(tmp_p
         tools.read_text(str(tmp_path / "big.bin"))
     with pytest.raises(Phi3VToolsError, match="larger than the 0.190735 MiB image limit"):
         tools.describe_image("data:image/png;base64," + "A" * 400_000)
+
+
+def test_rows_join_only_across_consecutive_pages_of_the_same_table(digests: dict[int, str], tmp_path: Path) -> None:
+    table = {"title": None, "units": None, "summary": ""}
+    backend = PageBackend(
+        digests,
+        {
+            1: {**table, "columns": ["A"], "rows": [["a1"]]},
+            2: {**table, "columns": ["B"], "rows": [["b1"]]},
+            3: {**table, "columns": ["A"], "rows": [["a3"]]},  # the same header again, after another table
+        },
+    )
+    result = toolbox(backend, tmp_path).read_table(DEMO_B64)
+    assert result.columns == ["A"] and result.rows == [["a1"]]
+    assert "(rows from page 1)" in result.to_text() and "--- page 3 ---" in result.to_text()

@@ -554,11 +554,11 @@ async def test_a_hostile_pdf_is_an_error_result_while_the_call_beside_it_succeed
     settings: Settings, local_tiny_toolbox: Toolbox, sample_images: dict[str, Path], tmp_path: Path
 ) -> None:
     pytest.importorskip("pypdfium2")
-    from phi3v_tools.pdf_samples import demo_document
+    from tests.hostile_pdfs import garbage
 
     folder = sample_images["chart"].parent
-    truncated = folder / "truncated.pdf"
-    truncated.write_bytes(demo_document()[:2000])
+    truncated = folder / "truncated.pdf"  # a PDF header, then noise
+    truncated.write_bytes(garbage())
     async with Client(create_server(settings, local_tiny_toolbox)) as client:
         async with anyio.create_task_group() as group:
             results: dict[str, CallToolResult] = {}

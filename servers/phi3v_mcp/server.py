@@ -550,19 +550,22 @@ async def serve_stdio_until_stopped(server: MCPServer[AppContext]) -> KeyboardIn
     previous = {sig: signal.getsignal(sig) for sig in stops}
     received: list[KeyboardInterrupt] = []
 
-    async def watch(group: anyio.abc.TaskGroup, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        with anyio.open_signal_receiver(*stops) as signals:
-            task_status.started()
-            async for signum in signals:
+    serving = anyio.CancelScope()
+
+    async def watch(signals: AsyncIterator[int]) -> None:
+        async for signum in signals:  # a repeated signal while the server unwinds changes nothing
+            if not received:
                 received.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
-                group.cancel_scope.cancel()
-                return
+                serving.cancel()
 
     try:
-        async with anyio.create_task_group() as group:
-            await group.start(watch, group)
-            await serve_stdio(server)
-            group.cancel_scope.cancel()  # stdin ended: stop watching
+        # The receiver stays open until the server has unwound, so that no signal meets a default handler meanwhile.
+        with anyio.open_signal_receiver(*stops) as signals:
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch, signals)
+                with serving:
+                    await serve_stdio(server)
+                group.cancel_scope.cancel()  # served: stop watching
     finally:
         for sig, handler in previous.items():
             if handler is not None:  # None: not set from Python, nothing to restore

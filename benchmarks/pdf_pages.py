@@ -10,7 +10,7 @@ engine, in one process, the runs interleaved:
 - OCR, pages at once: the same document with ``PHI3V_PDF_TEXT_LAYER`` off: every page is read by the model, the
   pages sent to the engine together (what ``read_text`` on a scan does), so they share decode batches;
 - OCR, page by page: one ``read_text(pages="k")`` call after another: what an agent that renders and reads one
-  page at a time gets.
+  page at a time gets (the document is rendered again for each call, which this figure includes).
 
 Reported: the median over ``--repeats`` runs of pages per second (wall time of the call, rendering included), the
 rendering's share (the worker process: start, parse, draw), and the ratios. The tiny model's weights are random:

@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from phi3v_tools.documents import Document, DocumentPolicy, Page, Renderer
+from phi3v_tools.documents import Document, DocumentPolicy, Page, Renderer, parse_pages
 from phi3v_tools.engine.types import Backend, GenerationRequest, GenerationResult, Timings
 from phi3v_tools.errors import PromptError
 from phi3v_tools.images import HANDLE_PREFIX, ImagePolicy, ImageRef, ImageStore, LoadedImage, PdfData, load_source
@@ -437,6 +437,9 @@ class Toolbox:
         if not least <= len(refs) <= most and not (refs and len(refs) < least and self._may_be_pdfs(refs)):
             wanted = f"{least}" if least == most else f"{least} to {most}"
             raise PromptError(f"{len(refs)} image{'' if len(refs) == 1 else 's'} given; this tool takes {wanted}")
+        ranges = parse_pages(pages, 10**9) if isinstance(pages, str) else None
+        if ranges and sum(high - low + 1 for low, high in ranges if high is not None) > most:  # before any drawing
+            raise PromptError(self._too_many(too_many, least, most))
         images: list[LoadedImage] = []
         numbers: list[int | None] = []
         render_s: float | None = None
@@ -452,15 +455,17 @@ class Toolbox:
             images += [page.image for page in document.pages]
             numbers += [page.number for page in document.pages]
         if len(images) > most:
-            raise PromptError(
-                f"{too_many}: pass pages='2' for page 2"
-                if too_many
-                else f"{len(images)} images and pages given; this tool takes {least} to {most}: choose fewer pages "
-                "with pages, e.g. pages='1-2'"
-            )
+            raise PromptError(self._too_many(too_many, least, most, len(images)))
         if len(images) < least:  # a PDF counted as one reference, and had one page
             raise PromptError(f"{len(images)} image given; this tool takes {least} to {most} images or pages")
         return images, (numbers if render_s is not None else None), render_s
+
+    @staticmethod
+    def _too_many(message: str | None, least: int, most: int, given: int | None = None) -> str:
+        if message:
+            return f"{message}: pass pages='2' for page 2"
+        counted = f"{given} images and pages given" if given is not None else "more pages asked for than fit"
+        return f"{counted}; this tool takes {least} to {most}: choose fewer pages with pages, e.g. pages='1-2'"
 
     @staticmethod
     def _may_be_pdfs(refs: Sequence[ImageRef]) -> bool:

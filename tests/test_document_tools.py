@@ -186,10 +186,18 @@ def test_page_choices_that_do_not_fit_are_clear_errors_before_the_model_runs(
     backend = PageBackend(digests)
     tools = toolbox(backend, tmp_path)
     tools.max_compare = 2
+    drawn: list[str | None] = []
+    render = tools.renderer.render
+    tools.renderer.render = lambda data, source, pages=None, **kw: (
+        drawn.append(pages) or render(data, source, pages, **kw)
+    )  # type: ignore[method-assign]
     with pytest.raises(PromptError, match="describe_image looks at one page: pass pages='2'"):
         tools.describe_image(DEMO_B64, pages="1-2")
+    assert drawn == []  # refused before any worker started
+    with pytest.raises(PromptError, match="more pages asked for than fit; this tool takes 2 to 2: choose fewer pages"):
+        tools.compare_images([DEMO_B64], pages="1-3")  # refused from the page list, before anything is drawn
     with pytest.raises(PromptError, match="3 images and pages given; this tool takes 2 to 2: choose fewer pages"):
-        tools.compare_images([DEMO_B64], pages="1-3")
+        tools.compare_images([DEMO_B64], pages="1-")  # an open range: counted once drawn
     with pytest.raises(PromptError, match="1 image given; this tool takes 2 to 2 images or pages"):
         tools.compare_images([DEMO_B64], pages="2")
     Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")

@@ -363,6 +363,11 @@ class DocumentPrepared:
     def images(self) -> list[LoadedImage]:
         return [page.image for page in self.document.pages]
 
+    @property
+    def needs_model(self) -> bool:
+        """False for a document read wholly from its text layers: no model is called, nor loaded."""
+        return any(p is not None for p in self.requests)
+
 
 MULTI_IMAGE_NUM_CROPS = 4  # crops per image in a call with several (unless PHI3V_NUM_CROPS says otherwise)
 # A PDF's pages in the engine at once, per call: all of the default 10, while a call of hundreds of pages neither
@@ -628,10 +633,8 @@ class Toolbox:
             answer = generated.parsed if generated.parsed is not None else generated.text.strip()
             return cls.model_validate({"answer": answer, "images": infos, "call": call})
         fields = {**(generated.parsed or {}), **prepared.fixed}
-        if cls is Table:  # one cell per column, whatever the model wrote (a truncated answer may end a row early)
-            width = len(fields.get("columns") or ())
-            rows = (fields.get("rows") or ()) if width else ()  # no columns: no cells to put in a row
-            fields["rows"] = [(list(row) + [None] * width)[:width] for row in rows]
+        if cls is Table:
+            _one_cell_per_column(fields)
         return cls.model_validate({**fields, "images": infos, "call": call})
 
     def document_result(
@@ -649,7 +652,7 @@ class Toolbox:
         results = [g for g in generated if g is not None]
         wall = time.perf_counter() - started if started is not None else 0.0
         call = CallInfo(
-            model=self.backend.model_name if any(p is not None for p in prepared.requests) else TEXT_LAYER_MODEL,
+            model=self.backend.model_name if prepared.needs_model else TEXT_LAYER_MODEL,
             prompt_tokens=sum(g.prompt_tokens for g in results),
             completion_tokens=sum(g.completion_tokens for g in results),
             cached_images=sum(g.cached_images for g in results),
@@ -869,7 +872,7 @@ class Toolbox:
         """The pages' requests sent to the engine at once; the first failure (or a cancellation) stops the rest."""
         progress = _Pages(prepared, on_page)
         load_s = 0.0
-        if any(p is not None for p in prepared.requests):  # text layers alone need no model (nor load one)
+        if prepared.needs_model:
             backend, load_s = await asyncio.to_thread(self._timed_backend, True)
         slots = asyncio.Semaphore(PAGES_AT_ONCE)
 
@@ -972,10 +975,16 @@ def _table_fields(generated: GenerationResult | None, names: list[str] | None) -
     fields = {**_empty_table(), **{k: v for k, v in parsed.items() if k in _TableAnswer.model_fields}}
     if names:
         fields["columns"] = names
+    _one_cell_per_column(fields)
+    return fields
+
+
+def _one_cell_per_column(fields: dict[str, Any]) -> None:
+    """A table's rows padded or cut to one cell per column, whatever the model wrote (a truncated answer may end a
+    row early); no columns: no cells to put in a row."""
     width = len(fields.get("columns") or ())
     rows = (fields.get("rows") or ()) if width else ()
     fields["rows"] = [(list(row) + [None] * width)[:width] for row in rows]
-    return fields
 
 
 def _empty_table() -> dict[str, Any]:

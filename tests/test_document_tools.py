@@ -327,7 +327,10 @@ def test_a_hanging_renderer_fails_its_mcp_call_within_the_limit_and_the_server_a
     async def calls() -> tuple[Any, Any, float]:
         async with Client(create_server(Settings(model="fake", allowed_dirs=(tmp_path,)), tools)) as client:
             started = time.monotonic()
-            hung = await client.call_tool("read_text", {"image": DEMO_B64})
+            hanging = asyncio.ensure_future(client.call_tool("read_text", {"image": DEMO_B64}))
+            beside = await client.call_tool("describe_image", {"image": str(image)})  # while the renderer hangs
+            assert not beside.is_error and not hanging.done()
+            hung = await hanging
             waited = time.monotonic() - started
             after = await client.call_tool("describe_image", {"image": str(image)})
             return hung, after, waited
